@@ -1,0 +1,227 @@
+"""Value tables for product-key memory, with row-sparse gradients.
+
+The table's weight is a plain fp32 ``nn.Parameter`` with ``requires_grad=False``: state_dict (and so
+HF ``save_pretrained``) includes it, but no dense optimizer or DeepSpeed engine ever sees a gradient
+for it. The lookup is a custom autograd Function whose backward
+
+* returns the gradient for the per-lookup weights (a gather-dot of the output grad with the rows), and
+* accumulates a *coalesced row-sparse* value gradient (unique sorted rows, summed) into
+  ``table.sparse_grad``; memory and time scale with the rows touched, never with ``num_rows``.
+
+The math lives in small functions (``weighted_bag``, ``weighted_bag_weights_grad``,
+``row_sparse_grad``, ``merge_sparse_grads``) so a sharded table (``pkm/sharded_values.py``) can reuse
+them on its column slice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "SparseGrad",
+    "ValueTable",
+    "weighted_bag",
+    "weighted_bag_weights_grad",
+    "row_sparse_grad",
+    "merge_sparse_grads",
+    "ValueLookup",
+]
+
+_MODE_SUM = 0  # embedding_bag mode id for "sum"
+_VALUE_INITS = ("normal", "zeros")
+
+
+class SparseGrad(NamedTuple):
+    """A coalesced row-sparse gradient: each row id appears once, ids sorted ascending."""
+
+    rows: torch.Tensor  # [U] int64, unique, sorted
+    values: torch.Tensor  # [U, cols] fp32, summed gradient of those rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Reusable math (shared with the sharded table)
+# --------------------------------------------------------------------------------------------------
+
+
+def weighted_bag(weight: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k weights[t, k] * weight[indices[t, k]]  ->  [T, cols] in ``weights.dtype``.
+
+    Computed with a fused weighted embedding bag in the table's dtype (fp32), so the [T, K, cols]
+    gather is never materialised and the fp32 table is never cast as a whole; only the [T, cols]
+    result is cast to the activation dtype.
+    """
+    out = F.embedding_bag(
+        indices, weight, per_sample_weights=weights.to(weight.dtype), mode="sum"
+    )  # [T, cols]
+    return out.to(weights.dtype)
+
+
+def _offset2bag(num_bags: int, bag_size: int, device: torch.device) -> torch.Tensor:
+    # [T * K]: lookup j belongs to bag j // K (every bag has exactly K lookups)
+    return torch.arange(num_bags, device=device).repeat_interleave(bag_size)
+
+
+def weighted_bag_weights_grad(
+    weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor
+) -> torch.Tensor:
+    """d out / d weights: g[t, k] = <grad_out[t], weight[indices[t, k]]>  ->  [T, K] fp32.
+
+    Uses ATen's fused per-sample-weights backward of embedding_bag (one dot per lookup reading the
+    row in place), so the [T, K, cols] gather is not materialised.
+    """
+    num_bags, bag_size = indices.shape
+    flat = indices.reshape(-1)  # [T*K]
+    grad32 = grad_out.to(weight.dtype).contiguous()  # [T, cols]
+    op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+    if op is not None and num_bags > 0:
+        offsets = torch.arange(0, flat.numel(), bag_size, device=flat.device)  # [T]
+        g = op(grad32, weight, flat, offsets, _offset2bag(num_bags, bag_size, flat.device), _MODE_SUM)
+        return g.view(num_bags, bag_size)
+    # Portable fallback: gather-dot (materialises [T, K, cols]; only used if the op is missing).
+    return torch.einsum("tkc,tc->tk", weight[indices], grad32)
+
+
+def row_sparse_grad(
+    indices: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor
+) -> SparseGrad:
+    """Coalesced value gradient: for each distinct row r, sum over lookups (t, k) with
+    indices[t, k] == r of weights[t, k] * grad_out[t].  ->  SparseGrad with [U] rows, [U, cols] fp32.
+
+    One sort groups the lookups by row; the per-row sums are then a weighted embedding bag over
+    grad_out (bags = distinct rows), so no [T*K, cols] intermediate is built and duplicates (within a
+    token or across tokens) are summed.
+    """
+    num_bags, bag_size = indices.shape
+    flat = indices.reshape(-1)  # [T*K]
+    sorted_rows, perm = torch.sort(flat)  # [T*K] each
+    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)  # [U], [U]
+    offsets = torch.cumsum(counts, 0) - counts  # [U] start of each row's group in perm order
+    token_of_lookup = torch.div(perm, bag_size, rounding_mode="floor")  # [T*K]
+    w = weights.reshape(-1).to(torch.float32)[perm]  # [T*K]
+    values = F.embedding_bag(
+        token_of_lookup, grad_out.to(torch.float32).contiguous(), offsets,
+        per_sample_weights=w, mode="sum",
+    )  # [U, cols]
+    return SparseGrad(rows, values)
+
+
+def merge_sparse_grads(a: SparseGrad | None, b: SparseGrad) -> SparseGrad:
+    """Sum two coalesced sparse grads (gradient accumulation over micro-batches)."""
+    if a is None:
+        return b
+    rows = torch.cat([a.rows, b.rows])  # [Ua + Ub]
+    values = torch.cat([a.values, b.values.to(a.values.dtype)])  # [Ua + Ub, cols]
+    sorted_rows, perm = torch.sort(rows)
+    uniq, inverse = torch.unique_consecutive(sorted_rows, return_inverse=True)  # [U], [Ua + Ub]
+    out = values.new_zeros(uniq.numel(), values.shape[1])  # [U, cols]
+    out.index_add_(0, inverse, values[perm])
+    return SparseGrad(uniq, out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd function and the local table
+# --------------------------------------------------------------------------------------------------
+
+
+class ValueLookup(torch.autograd.Function):
+    """Weighted lookup into ``table.weight``; the value gradient goes to ``table.sparse_grad``."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, indices: torch.Tensor, table: "ValueTable") -> torch.Tensor:
+        ctx.table = table
+        ctx.save_for_backward(weights, indices)
+        return weighted_bag(table.weight.detach(), indices, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weights, indices = ctx.saved_tensors
+        table: ValueTable = ctx.table
+        weight = table.weight.detach()
+        table.accumulate_grad_(row_sparse_grad(indices, weights, grad_out))
+        grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_weights = weighted_bag_weights_grad(weight, indices, grad_out).to(weights.dtype)
+        return grad_weights, None, None
+
+
+class ValueTable(nn.Module):
+    """Local (unsharded) value table [num_rows, dim] fp32 with a row-sparse gradient.
+
+    ``weight`` has requires_grad=False; backward calls accumulate a coalesced row-sparse gradient
+    into ``sparse_grad`` (summed over micro-batches until ``zero_grad``). ``SparseAdam`` consumes it.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        init: str = "normal",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if num_rows <= 0 or dim <= 0:
+            raise ValueError(f"ValueTable needs positive num_rows and dim, got {num_rows} x {dim}.")
+        if init not in _VALUE_INITS:
+            raise ValueError(f"value init must be one of {_VALUE_INITS}, got {init!r}.")
+        self.num_rows = num_rows
+        self.dim = dim
+        self.col_start = 0
+        self.col_end = dim
+        self.init = init
+        self.weight = nn.Parameter(
+            torch.empty(num_rows, dim, dtype=dtype, device=device), requires_grad=False
+        )
+        self.sparse_grad: SparseGrad | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.init == "zeros":
+                self.weight.zero_()
+            else:
+                # std d^-0.5 with d the full value dim (Lample), also for a column shard
+                self.weight.normal_(0.0, 1.0 / math.sqrt(self.dim))
+
+    def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """indices [T, K] int64, weights [T, K] -> [T, dim] in weights.dtype."""
+        self._check_lookup(indices, weights)
+        return ValueLookup.apply(weights, indices, self)
+
+    def _check_lookup(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        if indices.dim() != 2 or weights.shape != indices.shape:
+            raise ValueError(
+                f"value lookup expects indices and weights of the same shape [T, K], got "
+                f"{tuple(indices.shape)} and {tuple(weights.shape)}."
+            )
+        if indices.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"value lookup indices must be integer, got {indices.dtype}.")
+        if not weights.is_floating_point():
+            raise ValueError(f"value lookup weights must be floating point, got {weights.dtype}.")
+
+    # -- gradient bookkeeping ---------------------------------------------------------------------
+
+    def accumulate_grad_(self, grad: SparseGrad) -> None:
+        """Add a coalesced sparse grad into ``sparse_grad`` (called by the lookup's backward)."""
+        self.sparse_grad = merge_sparse_grads(self.sparse_grad, grad)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
+        self.sparse_grad = None
+
+    def scale_grad_(self, factor: float) -> None:
+        if self.sparse_grad is not None:
+            self.sparse_grad.values.mul_(factor)
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """Squared L2 norm of the local sparse grad (0-dim fp32 on the table's device, no sync)."""
+        if self.sparse_grad is None:
+            return torch.zeros((), dtype=torch.float32, device=self.weight.device)
+        return self.sparse_grad.values.float().pow(2).sum()
+
+    def extra_repr(self) -> str:
+        return f"num_rows={self.num_rows}, dim={self.dim}, cols=[{self.col_start}, {self.col_end})"
