@@ -1,0 +1,38 @@
+"""Product-key memory library: the layer, value tables with row-sparse grads, sparse Adam."""
+
+from pkm.memory import MemoryOutput, ProductKeyMemory, product_key_topk
+from pkm.sparse_adam import SparseAdam
+from pkm.values import SparseGrad, ValueTable
+
+__all__ = [
+    "MemoryOutput",
+    "ProductKeyMemory",
+    "product_key_topk",
+    "SparseAdam",
+    "SparseGrad",
+    "ValueTable",
+]
+
+# --- Model side (pkm/modeling.py, pkm/presets.py), loaded on first use: importing transformers
+# takes seconds, which the memory/value code and its spawned worker processes should not pay.
+# Touching any of these names (or `import pkm.modeling`) registers "bert_pkm" with the Auto classes.
+_LAZY_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "BertPkmConfig", "BertPkmModel", "BertPkmForMaskedLM", "BertPkmForSequenceClassification",
+            "BertPkmForQuestionAnswering", "BertPkmPreTrainedModel", "memory_modules", "value_tables",
+            "last_memory_outputs", "parameter_groups", "init_from_pretrained_bert", "InitReport",
+        ),
+        "pkm.modeling",
+    ),
+    **dict.fromkeys(("preset_config", "PRESETS"), "pkm.presets"),
+}
+__all__ += list(_LAZY_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pkm' has no attribute {name!r}")

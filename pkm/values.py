@@ -30,6 +30,7 @@ __all__ = [
     "row_sparse_grad",
     "merge_sparse_grads",
     "ValueLookup",
+    "GradWorkspace",
 ]
 
 _MODE_SUM = 0  # embedding_bag mode id for "sum"
@@ -86,15 +87,45 @@ def weighted_bag_weights_grad(
     return torch.einsum("tkc,tc->tk", weight[indices], grad32)
 
 
+class GradWorkspace:
+    """A reusable [rows, cols] buffer for the row-sparse gradient.
+
+    On CPU a fresh multi-hundred-MB tensor every backward costs more in page faults than the
+    gradient math itself (glibc returns large blocks to the OS on free), so the table keeps one
+    buffer, grown geometrically, and the gradient is written into a view of it. CUDA's caching
+    allocator already recycles memory, so there the workspace is not used.
+    """
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def get(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._buf
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype or buf.device != device:
+            self._buf = buf = torch.empty(max(rows, int(rows * 1.25)), cols, dtype=dtype, device=device)
+        return buf[:rows]
+
+    def release(self) -> None:
+        self._buf = None
+
+
+# rows per chunk of the CPU gradient fill: ~4 MB fp32 chunks stay in cache and in malloc's free lists
+_CHUNK_ELEMENTS = 1 << 20
+
+
 def row_sparse_grad(
-    indices: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    grad_out: torch.Tensor,
+    workspace: GradWorkspace | None = None,
 ) -> SparseGrad:
     """Coalesced value gradient: for each distinct row r, sum over lookups (t, k) with
     indices[t, k] == r of weights[t, k] * grad_out[t].  ->  SparseGrad with [U] rows, [U, cols] fp32.
 
     One sort groups the lookups by row; the per-row sums are then a weighted embedding bag over
     grad_out (bags = distinct rows), so no [T*K, cols] intermediate is built and duplicates (within a
-    token or across tokens) are summed.
+    token or across tokens) are summed. With a ``workspace`` on CPU the result is written chunk by
+    chunk into the reused buffer (its ``values`` then alias the workspace until the next backward).
     """
     num_bags, bag_size = indices.shape
     flat = indices.reshape(-1)  # [T*K]
@@ -103,10 +134,23 @@ def row_sparse_grad(
     offsets = torch.cumsum(counts, 0) - counts  # [U] start of each row's group in perm order
     token_of_lookup = torch.div(perm, bag_size, rounding_mode="floor")  # [T*K]
     w = weights.reshape(-1).to(torch.float32)[perm]  # [T*K]
-    values = F.embedding_bag(
-        token_of_lookup, grad_out.to(torch.float32).contiguous(), offsets,
-        per_sample_weights=w, mode="sum",
-    )  # [U, cols]
+    g = grad_out.to(torch.float32).contiguous()  # [T, cols]
+    if workspace is None or flat.device.type != "cpu":
+        values = F.embedding_bag(token_of_lookup, g, offsets, per_sample_weights=w, mode="sum")  # [U, cols]
+        return SparseGrad(rows, values)
+
+    num_rows, cols = rows.numel(), g.shape[1]
+    values = workspace.get(num_rows, cols, torch.float32, g.device)  # [U, cols]
+    chunk = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    starts = list(range(0, num_rows, chunk))
+    # lookup range of each row chunk, read once (CPU: no device sync)
+    bounds = torch.cat([offsets[starts], offsets.new_tensor([flat.numel()])]).tolist()
+    for i, r0 in enumerate(starts):
+        r1 = min(r0 + chunk, num_rows)
+        l0, l1 = bounds[i], bounds[i + 1]
+        values[r0:r1] = F.embedding_bag(
+            token_of_lookup[l0:l1], g, offsets[r0:r1] - l0, per_sample_weights=w[l0:l1], mode="sum"
+        )  # [r1 - r0, cols]
     return SparseGrad(rows, values)
 
 
@@ -115,11 +159,11 @@ def merge_sparse_grads(a: SparseGrad | None, b: SparseGrad) -> SparseGrad:
     if a is None:
         return b
     rows = torch.cat([a.rows, b.rows])  # [Ua + Ub]
-    values = torch.cat([a.values, b.values.to(a.values.dtype)])  # [Ua + Ub, cols]
-    sorted_rows, perm = torch.sort(rows)
-    uniq, inverse = torch.unique_consecutive(sorted_rows, return_inverse=True)  # [U], [Ua + Ub]
-    out = values.new_zeros(uniq.numel(), values.shape[1])  # [U, cols]
-    out.index_add_(0, inverse, values[perm])
+    uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)  # [U], [Ua + Ub]
+    ua = a.rows.numel()
+    out = a.values.new_zeros(uniq.numel(), a.values.shape[1])  # [U, cols]
+    out.index_add_(0, inverse[:ua], a.values)
+    out.index_add_(0, inverse[ua:], b.values.to(a.values.dtype))
     return SparseGrad(uniq, out)
 
 
@@ -132,7 +176,9 @@ class ValueLookup(torch.autograd.Function):
     """Weighted lookup into ``table.weight``; the value gradient goes to ``table.sparse_grad``."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, indices: torch.Tensor, table: "ValueTable") -> torch.Tensor:
+    def forward(
+        ctx, weights: torch.Tensor, indices: torch.Tensor, table: "ValueTable", anchor: torch.Tensor | None
+    ) -> torch.Tensor:
         ctx.table = table
         ctx.save_for_backward(weights, indices)
         return weighted_bag(table.weight.detach(), indices, weights)
@@ -142,11 +188,13 @@ class ValueLookup(torch.autograd.Function):
         weights, indices = ctx.saved_tensors
         table: ValueTable = ctx.table
         weight = table.weight.detach()
-        table.accumulate_grad_(row_sparse_grad(indices, weights, grad_out))
+        # reuse the table's buffer only when nothing accumulated is still living in it
+        workspace = table._grad_workspace if table.sparse_grad is None else None
+        table.accumulate_grad_(row_sparse_grad(indices, weights, grad_out, workspace))
         grad_weights = None
         if ctx.needs_input_grad[0]:
             grad_weights = weighted_bag_weights_grad(weight, indices, grad_out).to(weights.dtype)
-        return grad_weights, None, None
+        return grad_weights, None, None, None
 
 
 class ValueTable(nn.Module):
@@ -178,6 +226,7 @@ class ValueTable(nn.Module):
             torch.empty(num_rows, dim, dtype=dtype, device=device), requires_grad=False
         )
         self.sparse_grad: SparseGrad | None = None
+        self._grad_workspace = GradWorkspace()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -191,7 +240,12 @@ class ValueTable(nn.Module):
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """indices [T, K] int64, weights [T, K] -> [T, dim] in weights.dtype."""
         self._check_lookup(indices, weights)
-        return ValueLookup.apply(weights, indices, self)
+        # The values always need a gradient, even when `weights` does not (frozen keys/query net):
+        # a zero-size tensor that requires grad makes autograd record the lookup whenever grad is on.
+        anchor = None
+        if torch.is_grad_enabled() and not weights.requires_grad:
+            anchor = torch.empty(0, device=weights.device, requires_grad=True)
+        return ValueLookup.apply(weights, indices, self, anchor)
 
     def _check_lookup(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
         if indices.dim() != 2 or weights.shape != indices.shape:
@@ -207,7 +261,10 @@ class ValueTable(nn.Module):
     # -- gradient bookkeeping ---------------------------------------------------------------------
 
     def accumulate_grad_(self, grad: SparseGrad) -> None:
-        """Add a coalesced sparse grad into ``sparse_grad`` (called by the lookup's backward)."""
+        """Add a coalesced sparse grad into ``sparse_grad`` (called by the lookup's backward).
+
+        Note: ``sparse_grad.values`` may alias a reused workspace; clone it to keep it past the next
+        backward after ``zero_grad``."""
         self.sparse_grad = merge_sparse_grads(self.sparse_grad, grad)
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]

@@ -1,0 +1,73 @@
+"""Command line: ``python -m data_prep prepare ...`` / ``python -m data_prep inspect DIR``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from data_prep import load_manifest, open_split, prepare
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description="Tokenize corpora into memory-mapped shards for MLM pretraining.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize inputs into shards (+ manifest.json)",
+                       description="Tokenize txt / jsonl / MediaWiki XML(.bz2) inputs into <split>_<k>.bin/.idx shards "
+                                   "and manifest.json. Re-running the same command resumes an interrupted run.")
+    p.add_argument("inputs", nargs="+", help="files, folders (recursive) or globs")
+    p.add_argument("--out", required=True, help="output folder (shards, manifest.json, tokenizer/)")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", help="local Hugging Face tokenizer folder (or tokenizer.json)")
+    tok.add_argument("--train-tokenizer", choices=["wordpiece", "sentencepiece"], help="train a new vocabulary on the corpus")
+    p.add_argument("--vocab-size", type=int, default=30522, help="size of a trained vocabulary (default 30522)")
+    p.add_argument("--cased", action="store_true", help="trained vocabulary keeps case (default: lowercase)")
+    p.add_argument("--format", dest="input_format", default="auto", choices=["auto", "txt", "jsonl", "mediawiki"],
+                   help="input format (default: by extension; .bz2/.gz are decompressed)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the document (default: text)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1; 0 = in-process)")
+    p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard before a new one starts (default 67108864)")
+    p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents in the validation split (default 0.01)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split (default 1234)")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="fail",
+                   help="bad input (invalid UTF-8, bad JSON, too large, binary, truncated, missing path): stop with an error, "
+                        "or skip it and count it in manifest.json (default fail)")
+    p.add_argument("--max-doc-chars", type=int, default=10_000_000, help="documents longer than this are bad input (default 1e7)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace output made with different settings")
+
+    i = sub.add_parser("inspect", help="validate a shard folder and print its summary",
+                       description="Open every shard (header, version, dtype, sizes) and print manifest counts.")
+    i.add_argument("out", help="folder written by `prepare`")
+    i.add_argument("--verify", action="store_true", help="also check the SHA-256 of every file against the manifest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "prepare":
+            manifest = prepare(args.inputs, args.out, tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
+                               vocab_size=args.vocab_size, lowercase=not args.cased, input_format=args.input_format,
+                               text_field=args.text_field, workers=args.workers, shard_tokens=args.shard_tokens,
+                               valid_fraction=args.valid_fraction, seed=args.seed, on_error=args.on_error,
+                               max_doc_chars=args.max_doc_chars, progress=not args.no_progress, overwrite=args.overwrite)
+            print(json.dumps({s: {k: v for k, v in d.items() if k != "shards"} for s, d in manifest["splits"].items()}))
+        else:
+            manifest = load_manifest(args.out)
+            for split in manifest["splits"]:
+                readers = open_split(args.out, split, verify_checksums=args.verify)
+                print(f"{split}: {len(readers)} shards, {sum(r.num_docs for r in readers)} documents, "
+                      f"{sum(r.num_tokens for r in readers)} tokens ({manifest['dtype']})")
+            print(f"tokenizer: {manifest['tokenizer']['source']} (sha256 {manifest['tokenizer']['sha256'][:12]}...)")
+            print("skipped: " + (json.dumps(manifest["stats"]["skipped"]) if manifest["stats"]["skipped"] else "none"))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

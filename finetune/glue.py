@@ -1,0 +1,174 @@
+"""One GLUE finetuning run: load data, finetune, score the dev set(s), write test predictions.
+
+The same code serves a plain HF BERT and a BERT+PKM folder: the model comes from
+AutoModelForSequenceClassification (pkm.modeling registers the memory model with it) and the
+optimizers adapt to whether the model has value tables (finetune.trainer).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from finetune import glue_data
+from finetune.batching import Rows, eval_loader, steps_per_epoch, train_loader_factory
+from finetune.config import FinetuneConfig
+from finetune.metrics import glue_metrics, task_score
+from finetune.tasks import GLUE_TASKS, GlueTask, get_task
+from finetune.trainer import (model_inputs, predict, register_pkm_models, resolve_device, set_seed,
+                              train, write_json_atomic)
+
+log = logging.getLogger(__name__)
+
+
+def tokenize_split(tokenizer, task: GlueTask, ds, max_seq_length: int, with_labels: bool,
+                   chunk: int = 10000, progress: bool = False) -> Rows:
+    cols: dict[str, list] = {"input_ids": [], "attention_mask": []}
+    if "token_type_ids" in tokenizer.model_input_names:
+        cols["token_type_ids"] = []
+    n = len(ds)
+    for lo in tqdm(range(0, n, chunk), desc="tokenize", disable=not progress or n <= chunk,
+                   leave=False):
+        part = ds[lo:lo + chunk]
+        texts = [part[c] for c in task.text_columns]
+        enc = tokenizer(*texts, truncation=True, max_length=max_seq_length)
+        for k in cols:
+            cols[k].extend(enc[k])
+    if with_labels:
+        labels = ds["label"]
+        cols["labels"] = [float(x) for x in labels] if task.is_regression else [int(x) for x in labels]
+    return Rows(cols)
+
+
+def load_classifier(model_dir: str, task: GlueTask) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    register_pkm_models()
+    kwargs: dict[str, Any] = {"num_labels": task.num_labels}
+    if task.is_regression:
+        kwargs["problem_type"] = "regression"
+    else:
+        kwargs["problem_type"] = "single_label_classification"
+        kwargs["id2label"] = dict(enumerate(task.label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+    config = AutoConfig.from_pretrained(model_dir, **kwargs)
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
+
+
+def _loss_fn(task: GlueTask):
+    def loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        logits = model(**model_inputs(batch)).logits.float()
+        if task.is_regression:
+            return torch.nn.functional.mse_loss(logits.squeeze(-1), batch["labels"].float())
+        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+    return loss
+
+
+def _logits_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor]:
+    return (model(**model_inputs(batch)).logits,)
+
+
+def logits_to_predictions(task: GlueTask, logits: np.ndarray) -> np.ndarray:
+    return logits[:, 0] if task.is_regression else logits.argmax(-1)
+
+
+def write_submission(task: GlueTask, path: str, idx: list[int], preds: np.ndarray) -> None:
+    """GLUE submission format: header index<TAB>prediction; label strings where GLUE wants them."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("index\tprediction\n")
+        for i, p in zip(idx, preds):
+            if task.is_regression:
+                value = f"{float(np.clip(p, 0.0, 5.0)):.3f}"   # STS-B scores live in [0, 5]
+            elif task.submit_label_strings:
+                value = task.label_names[int(p)]
+            else:
+                value = str(int(p))
+            f.write(f"{int(i)}\t{value}\n")
+
+
+def run_glue(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Finetune cfg.model on the GLUE task cfg.task; returns (and writes) the result dict."""
+    from transformers import AutoTokenizer
+
+    t_start = time.time()
+    task = get_task(cfg.task)
+    if not isinstance(task, GlueTask):
+        raise ValueError(f"{cfg.task} is not a GLUE task; use finetune.run_squad.")
+    cfg.validate()
+    data = glue_data.load_glue(task, cfg.data)            # data errors before loading the model
+    if cfg.max_train_samples:
+        data["train"] = data["train"].select(range(min(cfg.max_train_samples, len(data["train"]))))
+    if cfg.max_eval_samples:
+        for s in task.dev_splits:
+            data[s] = data[s].select(range(min(cfg.max_eval_samples, len(data[s]))))
+    os.makedirs(cfg.output, exist_ok=True)
+    write_json_atomic(os.path.join(cfg.output, "finetune_config.json"), cfg.to_dict())
+
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_rows = tokenize_split(tokenizer, task, data["train"], cfg.max_seq_length, True,
+                                progress=cfg.progress)
+    model = load_classifier(cfg.model, task).to(device)
+
+    summary = train(model, train_loader_factory(train_rows, cfg.batch_size, cfg.seed, pad_id),
+                    steps_per_epoch(len(train_rows), cfg.batch_size), _loss_fn(task), cfg, device,
+                    desc=f"{task.name} lr={cfg.lr:g} seed={cfg.seed}")
+
+    metrics: dict[str, float] = {}
+    for split, suffix in zip(task.dev_splits, task.dev_metric_suffixes):
+        rows = tokenize_split(tokenizer, task, data[split], cfg.max_seq_length, True)
+        (logits,) = predict(model, eval_loader(rows, cfg.eval_batch_size, pad_id), _logits_fn,
+                            device, cfg.bf16, cfg.progress, desc=f"eval {split}")
+        preds = logits_to_predictions(task, logits)
+        metrics.update(glue_metrics(task.metrics, np.asarray(rows.columns["labels"]), preds, suffix))
+
+    written = []
+    if cfg.predict_test:
+        sub_dir = os.path.join(cfg.output, "test_predictions")
+        for split, fname in zip(task.test_splits, task.submission_files):
+            if split not in data or len(data[split]) == 0:
+                continue
+            rows = tokenize_split(tokenizer, task, data[split], cfg.max_seq_length, False)
+            (logits,) = predict(model, eval_loader(rows, cfg.eval_batch_size, pad_id), _logits_fn,
+                                device, cfg.bf16, cfg.progress, desc=f"predict {split}")
+            os.makedirs(sub_dir, exist_ok=True)
+            write_submission(task, os.path.join(sub_dir, fname), data[split]["idx"],
+                             logits_to_predictions(task, logits))
+            written.append(fname)
+        if task.name == "mnli":
+            ax = glue_data.load_glue_ax(cfg.data)
+            if ax is not None and len(ax):
+                rows = tokenize_split(tokenizer, task, ax, cfg.max_seq_length, False)
+                (logits,) = predict(model, eval_loader(rows, cfg.eval_batch_size, pad_id),
+                                    _logits_fn, device, cfg.bf16, cfg.progress, desc="predict AX")
+                os.makedirs(sub_dir, exist_ok=True)
+                write_submission(task, os.path.join(sub_dir, "AX.tsv"), ax["idx"],
+                                 logits_to_predictions(task, logits))
+                written.append("AX.tsv")
+
+    if cfg.save_model:
+        model.save_pretrained(os.path.join(cfg.output, "model"))
+        tokenizer.save_pretrained(os.path.join(cfg.output, "model"))
+
+    result = {
+        "task": task.name, "model": cfg.model, "lr": cfg.lr, "seed": cfg.seed,
+        "metrics": metrics, "score": task_score(metrics, task.score_metrics),
+        "score_metrics": list(task.score_metrics),
+        "num_train_examples": len(train_rows),
+        "num_dev_examples": {s: len(data[s]) for s in task.dev_splits},
+        "test_prediction_files": written, "device": str(device),
+        **summary, "runtime_s": time.time() - t_start, "config": cfg.to_dict(),
+    }
+    write_json_atomic(os.path.join(cfg.output, "result.json"), result)
+    log.info("%s: %s", task.name, metrics)
+    return result
+
+
+def glue_task_names() -> list[str]:
+    return list(GLUE_TASKS)

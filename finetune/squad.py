@@ -1,0 +1,113 @@
+"""One SQuAD v1.1 / v2.0 finetuning run: features, finetune, n-best decoding, official EM/F1.
+
+Writes into the run folder: predictions.json ({qid: answer text}, the official format),
+null_odds.json (v2.0: {qid: null score - best span score}, the evaluate-v2.0 --na-prob-file input),
+nbest_predictions.json and result.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from finetune.batching import Rows, eval_loader, steps_per_epoch, train_loader_factory
+from finetune.config import FinetuneConfig
+from finetune.metrics import squad_evaluate, task_score
+from finetune.squad_data import gold_answers, load_squad
+from finetune.squad_features import check_lengths, postprocess_predictions, prepare_features
+from finetune.tasks import SquadTask, get_task
+from finetune.trainer import (model_inputs, predict, register_pkm_models, resolve_device, set_seed,
+                              train, write_json_atomic)
+
+log = logging.getLogger(__name__)
+
+
+def load_qa_model(model_dir: str) -> torch.nn.Module:
+    from transformers import AutoModelForQuestionAnswering
+    register_pkm_models()
+    return AutoModelForQuestionAnswering.from_pretrained(model_dir)
+
+
+def _loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    out = model(**model_inputs(batch))
+    ce = torch.nn.functional.cross_entropy
+    return 0.5 * (ce(out.start_logits.float(), batch["start_positions"])
+                  + ce(out.end_logits.float(), batch["end_positions"]))
+
+
+def _span_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(**model_inputs(batch))
+    return out.start_logits, out.end_logits
+
+
+def run_squad_config(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Finetune cfg.model on SQuAD (cfg.task "squad" or "squad_v2"); returns and writes the result."""
+    from transformers import AutoTokenizer
+
+    t_start = time.time()
+    task = get_task(cfg.task)
+    if not isinstance(task, SquadTask):
+        raise ValueError(f"{cfg.task} is not a SQuAD task; use finetune.run_glue_task.")
+    cfg.validate()
+    check_lengths(cfg.max_seq_length, cfg.max_query_length, cfg.doc_stride)
+    data = load_squad(task, cfg.data)
+    if cfg.max_train_samples:
+        data["train"] = data["train"].select(range(min(cfg.max_train_samples, len(data["train"]))))
+    if cfg.max_eval_samples:
+        data["validation"] = data["validation"].select(
+            range(min(cfg.max_eval_samples, len(data["validation"]))))
+    os.makedirs(cfg.output, exist_ok=True)
+    write_json_atomic(os.path.join(cfg.output, "finetune_config.json"), cfg.to_dict())
+
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_ds, dev_ds = data["train"], data["validation"]
+    train_feats = prepare_features(tokenizer, train_ds["question"], train_ds["context"],
+                                   train_ds["answers"], cfg.max_seq_length, cfg.doc_stride,
+                                   cfg.max_query_length, progress=cfg.progress)
+    dev_feats = prepare_features(tokenizer, dev_ds["question"], dev_ds["context"], None,
+                                 cfg.max_seq_length, cfg.doc_stride, cfg.max_query_length,
+                                 progress=cfg.progress)
+    model = load_qa_model(cfg.model).to(device)
+
+    train_rows = Rows(train_feats.tensors())
+    summary = train(model, train_loader_factory(train_rows, cfg.batch_size, cfg.seed, pad_id),
+                    steps_per_epoch(len(train_rows), cfg.batch_size), _loss, cfg, device,
+                    desc=f"{task.name} lr={cfg.lr:g} seed={cfg.seed}")
+
+    start, end = predict(model, eval_loader(Rows(dev_feats.tensors()), cfg.eval_batch_size, pad_id),
+                         _span_logits, device, cfg.bf16, cfg.progress, desc="eval")
+    preds, null_odds, nbest = postprocess_predictions(
+        dev_ds["id"], dev_ds["context"], dev_feats, start, end, task.version_2,
+        cfg.n_best_size, cfg.max_answer_length, cfg.null_score_diff_threshold)
+    metrics = squad_evaluate(gold_answers(dev_ds), preds, null_odds if task.version_2 else None)
+
+    with open(os.path.join(cfg.output, "predictions.json"), "w", encoding="utf-8") as f:
+        json.dump(preds, f, indent=2, ensure_ascii=False)
+    if task.version_2:
+        with open(os.path.join(cfg.output, "null_odds.json"), "w", encoding="utf-8") as f:
+            json.dump(null_odds, f, indent=2)
+    with open(os.path.join(cfg.output, "nbest_predictions.json"), "w", encoding="utf-8") as f:
+        json.dump(nbest, f, indent=1, ensure_ascii=False)
+    if cfg.save_model:
+        model.save_pretrained(os.path.join(cfg.output, "model"))
+        tokenizer.save_pretrained(os.path.join(cfg.output, "model"))
+
+    result = {
+        "task": task.name, "model": cfg.model, "lr": cfg.lr, "seed": cfg.seed,
+        "metrics": metrics, "score": task_score(metrics, task.score_metrics),
+        "score_metrics": list(task.score_metrics),
+        "num_train_examples": len(train_ds), "num_train_features": len(train_feats),
+        "num_dev_examples": {"validation": len(dev_ds)}, "num_dev_features": len(dev_feats),
+        "device": str(device), **summary, "runtime_s": time.time() - t_start,
+        "config": cfg.to_dict(),
+    }
+    write_json_atomic(os.path.join(cfg.output, "result.json"), result)
+    log.info("%s: %s", task.name, metrics)
+    return result

@@ -1,0 +1,199 @@
+"""Product-key memory layer (Lample et al. 2019), vectorised over tokens and heads.
+
+Per token x: q = Norm(W x + b) split into H heads of k_dim; each head's query is split in halves
+scored against two sub-key sets of size n (N = n^2 slots); top-k per half; the k x k candidate sums;
+final top-k; softmax; output = sum over heads and the k chosen slots of w * V[slot]. All heads share
+one value table and go through ONE lookup call with indices [T, H*k].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pkm.values import ValueTable
+
+__all__ = ["MemoryOutput", "ProductKeyMemory", "product_key_topk"]
+
+_QUERY_NORMS = ("batchnorm", "layernorm")
+
+
+@dataclass
+class MemoryOutput:
+    output: torch.Tensor  # same leading shape as x, last dim = output_dim
+    indices: torch.Tensor  # [T, heads, knn] int64, T = number of real (non-padded) tokens
+    weights: torch.Tensor  # [T, heads, knn] softmax weights (activation dtype)
+
+
+def product_key_topk(
+    query: torch.Tensor, keys: torch.Tensor, knn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``knn`` product keys per token and head.
+
+    query [T, H, k_dim], keys [H, 2, n, k_dim/2]  ->  (scores [T, H, knn], indices [T, H, knn]),
+    scores sorted descending, indices in [0, n^2) as ``i1 * n + i2``.
+    The top-k of s1[a] + s2[b] always lies in top-k(s1) x top-k(s2), so this equals scoring all n^2.
+    """
+    t, h, k_dim = query.shape
+    n = keys.shape[2]
+    half = k_dim // 2
+    # one batched matmul for both halves of all heads: [H*2, T, half] x [H*2, half, n]
+    q = query.view(t, h * 2, half).transpose(0, 1)  # [H*2, T, half]
+    sub = torch.bmm(q, keys.reshape(h * 2, n, half).transpose(1, 2).to(q.dtype))  # [H*2, T, n]
+    with torch.no_grad():
+        # Selection needs no autograd: only the chosen k scores are differentiated (gathered
+        # below), so neither the [H*2, T, n] top-k nor the [H, T, k*k] candidate grid keeps a
+        # dense gradient buffer alive.
+        sub_scores, sub_idx = sub.detach().topk(knn, dim=-1)  # [H*2, T, knn] each
+        sub_scores = sub_scores.view(h, 2, t, knn)
+        cand = sub_scores[:, 0].unsqueeze(-1) + sub_scores[:, 1].unsqueeze(-2)  # [H, T, knn, knn]
+        best = cand.view(h, t, knn * knn).topk(knn, dim=-1)[1]  # [H, T, knn] flat a*knn+b
+        del cand
+        sub_idx = sub_idx.view(h, 2, t, knn)
+        a = torch.div(best, knn, rounding_mode="floor")  # [H, T, knn] position in half-1 top-k
+        b = best - a * knn  # [H, T, knn] position in half-2 top-k
+        i1 = sub_idx[:, 0].gather(-1, a)  # [H, T, knn] sub-key id in half 1
+        i2 = sub_idx[:, 1].gather(-1, b)  # [H, T, knn] sub-key id in half 2
+        indices = i1 * n + i2  # [H, T, knn]
+        # for the differentiable gather: sub-key ids of both halves, [H, 2, T, knn] -> [H*2, T, knn]
+        pick = torch.stack([i1, i2], dim=1).view(h * 2, t, knn)
+    # differentiable scores of the chosen slots: s1[i1] + s2[i2], recomputed exactly as in `cand`
+    picked = sub.gather(-1, pick).view(h, 2, t, knn)  # [H, 2, T, knn]
+    scores = picked[:, 0] + picked[:, 1]  # [H, T, knn], sorted descending (same values as cand)
+    return scores.transpose(0, 1), indices.transpose(0, 1)  # [T, H, knn]
+
+
+class ProductKeyMemory(nn.Module):
+    """Product-key memory: query net -> product-key top-k -> softmax -> weighted value sum."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        n_keys: int = 512,
+        heads: int = 4,
+        knn: int = 32,
+        k_dim: int = 256,
+        query_norm: str = "batchnorm",
+        value_init: str = "normal",
+        input_dropout: float = 0.0,
+        query_dropout: float = 0.0,
+        value_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if min(input_dim, output_dim, n_keys, heads, knn, k_dim) <= 0:
+            raise ValueError("ProductKeyMemory sizes (dims, n_keys, heads, knn, k_dim) must be positive.")
+        if k_dim % 2 != 0:
+            raise ValueError(f"k_dim must be even (it is split in two halves), got {k_dim}.")
+        if knn > n_keys:
+            raise ValueError(f"knn ({knn}) cannot exceed n_keys ({n_keys}): top-k per half needs k <= n.")
+        if query_norm not in _QUERY_NORMS:
+            raise ValueError(f"query_norm must be one of {_QUERY_NORMS}, got {query_norm!r}.")
+        for name, p in (("input", input_dropout), ("query", query_dropout), ("value", value_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name}_dropout must be in [0, 1), got {p}.")
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.n_keys = n_keys
+        self.heads = heads
+        self.knn = knn
+        self.k_dim = k_dim
+        self.size = n_keys * n_keys
+        self.input_dropout = input_dropout
+        self.query_dropout = query_dropout
+        self.value_dropout = value_dropout
+
+        # query network: Linear -> Norm over H*k_dim features (real tokens only)
+        self.query_proj = nn.Linear(input_dim, heads * k_dim)
+        self.query_norm = (
+            nn.BatchNorm1d(heads * k_dim) if query_norm == "batchnorm" else nn.LayerNorm(heads * k_dim)
+        )
+        # two sub-key sets per head: [H, 2, n, k_dim/2]
+        self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, k_dim // 2))
+        self.values = ValueTable(self.size, output_dim, init=value_init)
+        self._external_values: ValueTable | None = None
+        self.reset_keys()
+
+    def reset_keys(self) -> None:
+        # Lample: uniform in +-1/sqrt(half dim)
+        bound = 1.0 / math.sqrt(self.k_dim // 2)
+        with torch.no_grad():
+            self.keys.uniform_(-bound, bound)
+
+    # -- value table plumbing ---------------------------------------------------------------------
+
+    def use_external_values(self, table: ValueTable) -> None:
+        """Look values up in ``table`` from now on; it is NOT registered as a submodule (a sharded
+        table held by the trainer outside the DeepSpeed engine)."""
+        if table.num_rows != self.size or table.dim != self.output_dim:
+            raise ValueError(
+                f"external value table is {table.num_rows} x {table.dim}, this memory needs "
+                f"{self.size} x {self.output_dim}."
+            )
+        if "values" in self._modules:
+            del self._modules["values"]
+        object.__setattr__(self, "_external_values", table)
+        object.__setattr__(self, "values", table)  # plain attribute: not a submodule
+
+    @property
+    def value_table(self) -> ValueTable:
+        if self._external_values is not None:
+            return self._external_values
+        return self._modules["values"]  # type: ignore[return-value]
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, input_dim] (real tokens only) -> queries [T, H, k_dim]."""
+        x = F.dropout(x, p=self.input_dropout, training=self.training)
+        q = self.query_norm(self.query_proj(x))  # [T, H*k_dim]; BatchNorm stats over real tokens only
+        q = F.dropout(q, p=self.query_dropout, training=self.training)
+        return q.view(q.shape[0], self.heads, self.k_dim)  # [T, H, k_dim]
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MemoryOutput:
+        """x [B, S, d] or [T, d]; attention_mask [B, S] (1 real, 0 pad) or None.
+
+        Padded positions are dropped before the query net (so they never touch BatchNorm statistics)
+        and get output 0.
+        """
+        if x.shape[-1] != self.input_dim:
+            raise ValueError(f"memory input has last dim {x.shape[-1]}, expected {self.input_dim}.")
+        if x.dim() not in (2, 3):
+            raise ValueError(f"memory input must be [B, S, d] or [T, d], got shape {tuple(x.shape)}.")
+        real = None
+        if attention_mask is not None:
+            if attention_mask.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} does not match input "
+                    f"positions {tuple(x.shape[:-1])}."
+                )
+            real = attention_mask.to(torch.bool)
+            tokens = x[real]  # [T, d]; T is data dependent (the contract's indices are [T, ...])
+        else:
+            tokens = x.reshape(-1, self.input_dim)  # [T, d]
+
+        q = self.query(tokens)  # [T, H, k_dim]
+        scores, indices = product_key_topk(q, self.keys, self.knn)  # [T, H, knn] each
+        weights = F.softmax(scores.float(), dim=-1).to(q.dtype)  # [T, H, knn]
+        t = indices.shape[0]
+        out = self.value_table(
+            indices.reshape(t, self.heads * self.knn), weights.reshape(t, self.heads * self.knn)
+        )  # [T, output_dim]
+        out = F.dropout(out, p=self.value_dropout, training=self.training)
+
+        if real is not None:
+            full = out.new_zeros(*x.shape[:-1], self.output_dim)  # [B, S, output_dim]
+            full = full.index_put((real,), out)
+        else:
+            full = out.view(*x.shape[:-1], self.output_dim)
+        return MemoryOutput(output=full, indices=indices, weights=weights)
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_dim={self.input_dim}, output_dim={self.output_dim}, n_keys={self.n_keys}, "
+            f"heads={self.heads}, knn={self.knn}, k_dim={self.k_dim}"
+        )

@@ -1,0 +1,406 @@
+"""A value table split along the embedding dimension across the ranks of a process group.
+
+Each of the P ranks of ``group`` holds all ``num_rows`` rows and a contiguous column slice
+``[col_start, col_end)`` of the full ``[num_rows, dim]`` table ("Memory Layers at Scale", Meta 2024).
+When ``dim % P != 0`` the first ``dim % P`` ranks hold one column more (see ``column_bounds``).
+
+Forward (every rank calls it, each with its own tokens, T_r >= 0 of them):
+
+1. all-gather the token counts, then the padded (indices, weights) of every rank's tokens (small:
+   T*K ids and weights, never activations of width dim);
+2. weighted bag over the local column slice for *all* gathered tokens -> [sum_r T_r, d_local];
+3. all-to-all so each rank receives its own tokens' rows from every column holder, and concatenates
+   the column slices -> [T_r, dim].
+
+Backward mirrors it: the output grad's column slices go to their holders (all-to-all), each rank
+accumulates the row-sparse value grad of its slice summed over *all* ranks' tokens, and the partial
+weight grads (dots over the local columns) are sent back to the token owners and summed there.
+
+The lookup is a collective: every rank of the group must call forward (and backward, when the graph
+needs it) the same number of times and in the same order, also a rank with zero tokens. The math is
+the local table's (``weighted_bag``, ``weighted_bag_weights_grad``, ``row_sparse_grad`` from
+``pkm.values``); the same code runs on gloo (CPU tensors) and NCCL (CUDA tensors): only
+``all_gather_single``/``all_gather_into_tensor`` and ``all_to_all_single`` with split sizes are used.
+
+Gradient scale versus data-parallel dense parameters
+----------------------------------------------------
+With the usual data-parallel recipe every rank r backpropagates its own loss L_r and the dense grads
+are *averaged* over ranks, i.e. the step follows the gradient of  L = (1/P) * sum_r L_r.  A shard's
+value grad, however, collects the contributions of all ranks' tokens: it is  sum_r dL_r/dV.  To follow
+the same L the shard grad must be multiplied by 1/P.  ``grad_reduction="mean"`` (the default) applies
+that factor inside backward; ``"sum"`` leaves the raw sum (the gradient of sum_r L_r, as the local
+table would give for the concatenated batch).  ``data_parallel_grad_scale(group)`` returns the factor
+for callers that scale by hand.  This assumes the sharding group *is* the data-parallel group; if the
+table were replicated across several sharding groups, the replicas' grads would also need an
+all-reduce over the replica group (not done here).  Gradient accumulation (the engine divides the
+loss by the number of micro-batches) and an fp16 loss scale act on the value grads exactly as on the
+dense grads, because they flow from the same loss; un-scaling the fp16 loss scale is the trainer's job
+(``scale_grad_``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pkm.values import (
+    ValueTable,
+    row_sparse_grad,
+    weighted_bag,
+    weighted_bag_weights_grad,
+)
+
+__all__ = [
+    "ShardedValueTable",
+    "column_bounds",
+    "data_parallel_grad_scale",
+    "shard_memory_values",
+    "values_grad_sq_norm",
+]
+
+GradReduction = Literal["mean", "sum"]
+_GRAD_REDUCTIONS = ("mean", "sum")
+
+
+def column_bounds(dim: int, world_size: int) -> list[tuple[int, int]]:
+    """Column slice [start, end) of each rank: the first ``dim % world_size`` ranks get one more."""
+    if world_size <= 0:
+        raise ValueError(f"world_size must be positive, got {world_size}.")
+    if dim < world_size:
+        raise ValueError(
+            f"cannot shard a value dim of {dim} over {world_size} ranks: every rank needs at least "
+            f"one column (use fewer ranks for the value tables or a larger value dim)."
+        )
+    base, extra = divmod(dim, world_size)
+    bounds, start = [], 0
+    for r in range(world_size):
+        width = base + (1 if r < extra else 0)
+        bounds.append((start, start + width))
+        start += width
+    return bounds
+
+
+def data_parallel_grad_scale(group: dist.ProcessGroup | None = None) -> float:
+    """Factor that turns a shard's grad (sum over all ranks' tokens) into the gradient of the
+    mean of the per-rank losses, the objective data-parallel dense grads follow: 1 / P."""
+    return 1.0 / dist.get_world_size(group)
+
+
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    # torch >= 2.13 renamed all_gather_into_tensor (the old name warns); both exist on gloo and NCCL.
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)
+
+
+class _ShardedLookup(torch.autograd.Function):
+    """Collective weighted lookup; see the module docstring for the communication pattern."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, indices: torch.Tensor, table: "ShardedValueTable") -> torch.Tensor:
+        num_tokens = indices.shape[0]
+        counts = table._gather_counts(num_tokens)  # [P] ints, same on every rank
+        ctx.table, ctx.counts = table, counts
+        if sum(counts) == 0:
+            # Every rank has zero tokens (same decision everywhere, so no rank waits on a collective).
+            ctx.save_for_backward(indices.new_zeros(0, indices.shape[1]), weights.new_zeros(0, indices.shape[1]))
+            return weights.new_zeros(0, table.dim)
+        all_idx, all_w = table._gather_tokens(indices, weights, counts)  # [sum T, K] each
+        ctx.save_for_backward(all_idx, all_w)
+        bag = weighted_bag(table.weight.detach(), all_idx, all_w)  # [sum T, d_local], weights.dtype
+        return table._columns_to_owners(bag, counts, num_tokens)  # [T, dim]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        table: ShardedValueTable = ctx.table
+        counts: list[int] = ctx.counts
+        all_idx, all_w = ctx.saved_tensors
+        num_tokens = grad_out.shape[0]
+        if sum(counts) == 0:
+            return grad_out.new_zeros(0, all_idx.shape[1]), None, None
+        g_local = table._owners_to_columns(grad_out, counts)  # [sum T, d_local]
+        weight = table.weight.detach()
+        grad = row_sparse_grad(all_idx, all_w, g_local)  # value grad of the slice, all ranks' tokens
+        if table.grad_scale != 1.0:
+            grad.values.mul_(table.grad_scale)
+        table.accumulate_grad_(grad)
+        partial = weighted_bag_weights_grad(weight, all_idx, g_local)  # [sum T, K] fp32, local cols
+        grad_weights = table._partials_to_owners(partial, counts, num_tokens)  # [T, K] fp32
+        return grad_weights.to(all_w.dtype), None, None
+
+
+class ShardedValueTable(ValueTable):
+    """Value table sharded by columns over ``group``; same interface as ``ValueTable``.
+
+    ``weight`` is the local fp32 shard [num_rows, col_end - col_start] (requires_grad=False);
+    ``sparse_grad`` is the row-sparse grad of that shard, summed over all ranks' tokens and multiplied
+    by ``grad_scale`` (1/P for ``grad_reduction="mean"``, 1 for ``"sum"``). ``forward`` returns the
+    calling rank's own tokens at full width ``dim``. ``grad_sq_norm`` is local to the shard: the
+    global squared norm is the sum over the group (an all-reduce the caller does, e.g. for clipping).
+
+    ``init="normal"`` draws each column from its own generator seeded by (seed, column), so the full
+    table is the same for every P (a 2-rank and a 3-rank run start from identical values).
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        group: dist.ProcessGroup | None = None,
+        init: str = "normal",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        grad_reduction: GradReduction = "mean",
+        seed: int = 0,
+    ) -> None:
+        nn.Module.__init__(self)  # not ValueTable.__init__: it would allocate the full table
+        if num_rows <= 0 or dim <= 0:
+            raise ValueError(f"ShardedValueTable needs positive num_rows and dim, got {num_rows} x {dim}.")
+        if init not in ("normal", "zeros"):
+            raise ValueError(f"value init must be one of ('normal', 'zeros'), got {init!r}.")
+        if grad_reduction not in _GRAD_REDUCTIONS:
+            raise ValueError(f"grad_reduction must be one of {_GRAD_REDUCTIONS}, got {grad_reduction!r}.")
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("ShardedValueTable needs an initialised torch.distributed process group.")
+        if group is not None and group == dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError("this rank is not a member of the process group given to ShardedValueTable.")
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.bounds = column_bounds(dim, self.world_size)
+        self.num_rows = num_rows
+        self.dim = dim
+        self.col_start, self.col_end = self.bounds[self.rank]
+        self.init = init
+        self.seed = seed
+        self.grad_reduction = grad_reduction
+        self.grad_scale = 1.0 / self.world_size if grad_reduction == "mean" else 1.0
+        if dtype != torch.float32:
+            raise ValueError(f"value tables hold fp32 master weights, got dtype {dtype}.")
+        if device is None and dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.weight = nn.Parameter(
+            torch.empty(num_rows, self.col_end - self.col_start, dtype=dtype, device=device),
+            requires_grad=False,
+        )
+        self.sparse_grad = None
+        # bytes this rank sent, per direction (benchmarks and logging read it; reset freely)
+        self.comm_bytes = {"forward": 0, "backward": 0}
+        self.reset_parameters()
+
+    # -- construction helpers ---------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.init == "zeros":
+                self.weight.zero_()
+                return
+            std = 1.0 / math.sqrt(self.dim)  # Lample: d^-0.5 with d the full value dim
+            gen = torch.Generator(device="cpu")
+            for j, col in enumerate(range(self.col_start, self.col_end)):
+                gen.manual_seed(self.seed * 1_000_003 + col)
+                column = torch.randn(self.num_rows, generator=gen, dtype=torch.float32) * std
+                self.weight[:, j].copy_(column.to(self.weight.device))
+
+    @classmethod
+    def from_full(
+        cls,
+        full_weight: torch.Tensor,
+        group: dist.ProcessGroup | None = None,
+        grad_reduction: GradReduction = "mean",
+        device: torch.device | str | None = None,
+    ) -> "ShardedValueTable":
+        """Shard of a full [num_rows, dim] tensor that every rank holds (e.g. a ``ValueTable``'s
+        weight after identical model construction); copies only this rank's columns."""
+        if full_weight.dim() != 2:
+            raise ValueError(f"a full value weight must be 2-D [num_rows, dim], got {tuple(full_weight.shape)}.")
+        num_rows, dim = full_weight.shape
+        if device is None:
+            device = full_weight.device
+        table = cls(num_rows, dim, group=group, init="zeros", device=device, grad_reduction=grad_reduction)
+        with torch.no_grad():
+            table.weight.copy_(full_weight[:, table.col_start : table.col_end].to(torch.float32))
+        return table
+
+    @classmethod
+    def from_local(
+        cls,
+        table: ValueTable,
+        group: dist.ProcessGroup | None = None,
+        grad_reduction: GradReduction = "mean",
+        device: torch.device | str | None = None,
+    ) -> "ShardedValueTable":
+        """Shard of a local ``ValueTable`` (same values on every rank), keeping its init mode."""
+        if isinstance(table, ShardedValueTable):
+            raise ValueError("the table is already sharded.")
+        sharded = cls.from_full(table.weight.detach(), group=group, grad_reduction=grad_reduction, device=device)
+        sharded.init = table.init
+        return sharded
+
+    # -- lookup -----------------------------------------------------------------------------------
+
+    def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """indices [T, K], weights [T, K] (this rank's tokens, T may be 0) -> [T, dim] in weights.dtype.
+
+        Collective over ``group``: every rank must call it, in the same order."""
+        self._check_lookup(indices, weights)
+        dev = self.weight.device
+        return _ShardedLookup.apply(weights.to(dev), indices.to(device=dev, dtype=torch.int64), self)
+
+    # -- communication (each helper is one collective or two; shapes in comments) -------------------
+
+    # With P = 1 every helper is the identity (no collective, no host sync): the plain local table.
+
+    def _gather_counts(self, num_tokens: int) -> list[int]:
+        if self.world_size == 1:
+            return [num_tokens]
+        mine = torch.tensor([num_tokens], dtype=torch.int64, device=self.weight.device)  # [1]
+        counts = torch.empty(self.world_size, dtype=torch.int64, device=self.weight.device)  # [P]
+        _all_gather_flat(counts, mine, self.group)
+        self.comm_bytes["forward"] += 8 * (self.world_size - 1)
+        return counts.tolist()  # one host sync per lookup: the split sizes must be known on the host
+
+    def _gather_tokens(
+        self, indices: torch.Tensor, weights: torch.Tensor, counts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's (indices, weights), concatenated in rank order -> [sum T, K] each."""
+        if self.world_size == 1:
+            return indices, weights
+        P, k = self.world_size, indices.shape[1]
+        t_max = max(counts)
+        # all_gather needs equal sizes: pad to the longest rank, then drop the padding
+        pad = t_max - indices.shape[0]
+        idx = torch.nn.functional.pad(indices, (0, 0, 0, pad)) if pad else indices  # [t_max, K]
+        w = torch.nn.functional.pad(weights, (0, 0, 0, pad)) if pad else weights  # [t_max, K]
+        all_idx = idx.new_empty(P * t_max, k)  # [P * t_max, K]
+        all_w = w.new_empty(P * t_max, k)  # [P * t_max, K]
+        _all_gather_flat(all_idx, idx.contiguous(), self.group)
+        _all_gather_flat(all_w, w.contiguous(), self.group)
+        self.comm_bytes["forward"] += (P - 1) * t_max * k * (idx.element_size() + w.element_size())
+        if min(counts) == t_max:
+            return all_idx, all_w
+        keep = torch.cat([torch.arange(c, device=idx.device) + p * t_max for p, c in enumerate(counts)])
+        return all_idx[keep], all_w[keep]  # [sum T, K] each
+
+    def _columns_to_owners(self, bag: torch.Tensor, counts: list[int], num_tokens: int) -> torch.Tensor:
+        """bag [sum T, d_local] (rows of all ranks' tokens, local columns) -> [T, dim] for this rank."""
+        if self.world_size == 1:
+            return bag
+        width = self.col_end - self.col_start
+        send = bag.reshape(-1)  # [sum T * d_local]: rank p's tokens are a contiguous block
+        recv_sizes = [num_tokens * (e - s) for s, e in self.bounds]  # from each column holder
+        recv = bag.new_empty(sum(recv_sizes))  # [T * dim]
+        dist.all_to_all_single(
+            recv, send, output_split_sizes=recv_sizes,
+            input_split_sizes=[c * width for c in counts], group=self.group,
+        )
+        self.comm_bytes["forward"] += (sum(counts) - counts[self.rank]) * width * bag.element_size()
+        blocks = [b.view(num_tokens, e - s) for b, (s, e) in zip(recv.split(recv_sizes), self.bounds)]
+        return torch.cat(blocks, dim=1)  # [T, dim]
+
+    def _owners_to_columns(self, grad_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """grad_out [T, dim] of this rank's tokens -> [sum T, d_local]: all tokens, local columns."""
+        if self.world_size == 1:
+            return grad_out
+        width = self.col_end - self.col_start
+        num_tokens = grad_out.shape[0]
+        # column slice q goes to rank q: [T, d_q] blocks, flattened and laid end to end
+        send = torch.cat([grad_out[:, s:e].reshape(-1) for s, e in self.bounds])  # [T * dim]
+        send_sizes = [num_tokens * (e - s) for s, e in self.bounds]
+        recv = grad_out.new_empty(sum(counts) * width)  # [sum T * d_local]
+        dist.all_to_all_single(
+            recv, send, output_split_sizes=[c * width for c in counts],
+            input_split_sizes=send_sizes, group=self.group,
+        )
+        self.comm_bytes["backward"] += (sum(send_sizes) - send_sizes[self.rank]) * grad_out.element_size()
+        return recv.view(sum(counts), width)
+
+    def _partials_to_owners(self, partial: torch.Tensor, counts: list[int], num_tokens: int) -> torch.Tensor:
+        """partial [sum T, K] (dots over local columns) -> [T, K]: summed over column holders."""
+        if self.world_size == 1:
+            return partial
+        k = partial.shape[1]
+        recv = partial.new_empty(self.world_size * num_tokens * k)  # [P * T * K]
+        dist.all_to_all_single(
+            recv, partial.contiguous().reshape(-1), output_split_sizes=[num_tokens * k] * self.world_size,
+            input_split_sizes=[c * k for c in counts], group=self.group,
+        )
+        self.comm_bytes["backward"] += (sum(counts) - counts[self.rank]) * k * partial.element_size()
+        return recv.view(self.world_size, num_tokens, k).sum(0)  # [T, K]
+
+    # -- inspection ---------------------------------------------------------------------------------
+
+    def gather_full_weight(self, dst: int | None = None) -> torch.Tensor | None:
+        """The full [num_rows, dim] table (collective). With ``dst`` (a rank of the group) only that
+        rank gets it and the others get None. Debugging/tests/small tables: it costs N*dim floats."""
+        width_max = self.bounds[0][1] - self.bounds[0][0]
+        local = self.weight.detach()
+        if local.shape[1] < width_max:
+            local = torch.nn.functional.pad(local, (0, width_max - local.shape[1]))
+        out = local.new_empty(self.world_size * self.num_rows, width_max)  # [P * N, w_max]
+        _all_gather_flat(out, local.contiguous(), self.group)
+        if dst is not None and self.rank != dst:
+            return None
+        blocks = out.view(self.world_size, self.num_rows, width_max)
+        return torch.cat([blocks[p, :, : e - s] for p, (s, e) in enumerate(self.bounds)], dim=1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_rows={self.num_rows}, dim={self.dim}, cols=[{self.col_start}, {self.col_end}), "
+            f"rank={self.rank}/{self.world_size}, grad_reduction={self.grad_reduction}"
+        )
+
+
+def shard_memory_values(
+    memories: nn.Module | Iterable[tuple[str, nn.Module]],
+    group: dist.ProcessGroup | None = None,
+    grad_reduction: GradReduction = "mean",
+    device: torch.device | str | None = None,
+) -> dict[str, ShardedValueTable]:
+    """Replace the value table of every product-key memory by its shard on this rank.
+
+    ``memories``: a model (every submodule with ``use_external_values`` is taken, named by its module
+    path) or an iterable of (name, ProductKeyMemory). Every rank must hold the same full tables
+    (build the model with the same seed on every rank). Returns {memory name: sharded table}, the
+    order to hand to ``SparseAdam(list(tables.values()))`` and ``save_value_shards``. The sharded
+    tables are not submodules, so DeepSpeed never sees them; the full local tables are dropped.
+    """
+    if isinstance(memories, nn.Module):
+        named = [(n, m) for n, m in memories.named_modules() if hasattr(m, "use_external_values")]
+    else:
+        named = list(memories)
+    if not named:
+        raise ValueError("found no product-key memory (a module with use_external_values) to shard.")
+    tables: dict[str, ShardedValueTable] = {}
+    for name, memory in named:
+        local = memory.value_table
+        sharded = ShardedValueTable.from_local(local, group=group, grad_reduction=grad_reduction, device=device)
+        memory.use_external_values(sharded)
+        tables[name] = sharded
+    return tables
+
+
+def values_grad_sq_norm(tables: Iterable[ValueTable]) -> torch.Tensor:
+    """Squared L2 norm of the value grads of whole tables (0-dim fp32): local tables as they are,
+    sharded ones summed over their group (one all-reduce per group; every rank must call it).
+    For clipping: add the dense grads' squared norm and take the square root."""
+    tables = list(tables)
+    if not tables:
+        raise ValueError("values_grad_sq_norm needs at least one table.")
+    total = torch.zeros((), dtype=torch.float32, device=tables[0].weight.device)
+    by_group: dict[int, tuple[dist.ProcessGroup | None, torch.Tensor]] = {}
+    for t in tables:
+        norm = t.grad_sq_norm().to(total.device)
+        if isinstance(t, ShardedValueTable) and t.world_size > 1:
+            group, acc = by_group.get(id(t.group), (t.group, torch.zeros_like(total)))
+            by_group[id(t.group)] = (group, acc + norm)
+        else:
+            total = total + norm
+    for group, acc in by_group.values():
+        dist.all_reduce(acc, group=group)
+        total = total + acc
+    return total

@@ -1,0 +1,317 @@
+"""Atomic training checkpoints: DeepSpeed engine state + value shards + TrainState per rank.
+
+Layout under ``<out_dir>/checkpoints/``::
+
+    step_00000100/                  one complete checkpoint (never partially written: see below)
+        ds/state/...                engine.save_checkpoint: dense weights, ZeRO optimizer, lr scheduler
+        values/                     value-table shards and the SparseAdam state (per rank)
+        train_state/rank_00000.pt   TrainState of each rank (step, tokens, data position, RNG states)
+        run_config.json             the resolved run config
+        ds_config.json              the DeepSpeed config the engine ran with
+        model/config.json           BertPkmConfig (+ tokenizer files when known), for convert
+        meta.json                   step, world size, ZeRO stage, value-shard layout
+    latest                          "step_00000100": the newest complete checkpoint
+    step_00000090/ ...              older ones, the last ``keep_last_k`` kept
+
+Writing: rank 0 creates ``step_N.tmp/``; every rank writes its parts; after a barrier rank 0 writes
+``meta.json``, renames the folder to ``step_N`` (atomic on one file system) and only then replaces
+``latest`` (written to a temp file and ``os.replace``d). A crash at any point leaves either the old
+``latest`` or the new one pointing at a complete folder; leftover ``*.tmp`` folders are ignored and
+cleaned by the next save. The folder must be on a file system every rank sees (as DeepSpeed's own
+checkpointing assumes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pkm.checkpoint_values import load_full_values, load_value_shards, save_value_shards
+
+__all__ = [
+    "TrainState",
+    "capture_rng_state",
+    "restore_rng_state",
+    "checkpoint_root",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "step_dir_name",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_value_state",
+    "load_value_state",
+    "load_full_value_tables",
+    "DS_TAG",
+]
+
+DS_TAG = "state"  # DeepSpeed's tag inside <ckpt>/ds/
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """What besides the model and optimizers a run needs to continue exactly where it stopped."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # non-padding tokens, summed over ranks
+    samples_seen: int = 0  # sequences, summed over ranks
+    epoch: int = 0
+    sampler: dict[str, Any] = field(default_factory=dict)  # the train sampler's state_dict (data position)
+    rng: dict[str, Any] = field(default_factory=dict)  # python / numpy / torch (/ cuda) RNG states
+    staleness: list[dict[str, Any]] = field(default_factory=list)  # one StalenessTracker state per memory
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+        return cls(**d)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_root(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoints")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (with meta.json) under root, oldest first, as (step, path)."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_RE.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isfile(os.path.join(path, "meta.json")):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def latest_checkpoint(path: str) -> str | None:
+    """The newest complete checkpoint folder.
+
+    ``path`` may be a run's out_dir, its ``checkpoints/`` folder, or a checkpoint folder itself.
+    ``latest`` is trusted when it names a complete folder; otherwise the highest complete step is
+    taken (``latest`` could only lag behind the folders, never lead them).
+    """
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    root = checkpoint_root(path) if os.path.isdir(checkpoint_root(path)) else path
+    latest_file = os.path.join(root, "latest")
+    if os.path.isfile(latest_file):
+        with open(latest_file, encoding="utf-8") as f:
+            name = f.read().strip()
+        cand = os.path.join(root, name)
+        if os.path.isfile(os.path.join(cand, "meta.json")):
+            done = list_checkpoints(root)
+            if not done or done[-1][1] == cand:
+                return cand
+    done = list_checkpoints(root)
+    return done[-1][1] if done else None
+
+
+def read_meta(ckpt_dir: str) -> dict[str, Any]:
+    with open(os.path.join(ckpt_dir, "meta.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------------------------------
+# Value tables (sharded by columns) and their optimizer: pkm.checkpoint_values does the file format
+# (any world size P -> any Q, or one full table); the value lr scheduler rides along here.
+# --------------------------------------------------------------------------------------------------
+
+
+def save_value_state(folder: str, tables: dict[str, Any], value_optimizer: Any, value_scheduler: Any,
+                     rank: int) -> None:
+    """Collective over the tables' group: every rank writes its shard (+ SparseAdam moments)."""
+    save_value_shards(folder, tables, value_optimizer, barrier=True)
+    if rank == 0 and value_scheduler is not None:
+        torch.save(value_scheduler.state_dict(), os.path.join(folder, "value_scheduler.pt"))
+
+
+def load_value_state(folder: str, tables: dict[str, Any], value_optimizer: Any, value_scheduler: Any) -> None:
+    """Restore shards and moments (resharding if the checkpoint had another world size) and the
+    value lr scheduler (the same on every rank)."""
+    load_value_shards(folder, tables, value_optimizer, strict=True, restore_hyperparams=True)
+    path = os.path.join(folder, "value_scheduler.pt")
+    if value_scheduler is not None and os.path.isfile(path):
+        value_scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def load_full_value_tables(folder: str) -> dict[str, torch.Tensor]:
+    """{memory module path: full [num_rows, dim] fp32 weight}, from all ranks' shards (for convert)."""
+    return {name: full.weight for name, full in load_full_values(folder).items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    out_dir: str,
+    step: int,
+    engine: Any,
+    tables: dict[str, Any],
+    value_optimizer: torch.optim.Optimizer | None,
+    value_scheduler: Any,
+    train_state: TrainState,
+    rank: int,
+    world_size: int,
+    keep_last_k: int,
+    extra_files: dict[str, Any] | None = None,
+    model_config: Any = None,
+    tokenizer_dir: str | None = None,
+) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    ``extra_files``: {relative name: JSON-able object} written by rank 0 (run_config.json,
+    ds_config.json). ``model_config``: a PretrainedConfig saved to model/ (with the tokenizer files
+    copied from ``tokenizer_dir``), so convert needs nothing but the checkpoint.
+    """
+    root = checkpoint_root(out_dir)
+    final = os.path.join(root, step_dir_name(step))
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of an interrupted save
+            if name.endswith(".tmp") and os.path.isdir(os.path.join(root, name)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        if os.path.isdir(final):  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.makedirs(tmp)
+    _barrier()
+
+    engine.save_checkpoint(os.path.join(tmp, "ds"), tag=DS_TAG, save_latest=False)
+    save_value_state(os.path.join(tmp, "values"), tables, value_optimizer, value_scheduler, rank)
+    os.makedirs(os.path.join(tmp, "train_state"), exist_ok=True)
+    torch.save(train_state.to_dict(), os.path.join(tmp, "train_state", f"rank_{rank:05d}.pt"))
+    if rank == 0:
+        for rel, obj in (extra_files or {}).items():
+            _write_json(os.path.join(tmp, rel), obj)
+        if model_config is not None:
+            model_dir = os.path.join(tmp, "model")
+            model_config.save_pretrained(model_dir)
+            if tokenizer_dir:
+                copy_tokenizer_files(tokenizer_dir, model_dir)
+    _barrier()
+
+    if rank == 0:
+        meta = {
+            "step": step,
+            "world_size": world_size,
+            "zero_stage": int(engine.zero_optimization_stage()),
+            "ds_tag": DS_TAG,
+            "tokens_seen": train_state.tokens_seen,
+            "value_tables": {n: {"num_rows": int(t.num_rows), "dim": int(t.dim)} for n, t in tables.items()},
+        }
+        _write_json(os.path.join(tmp, "meta.json"), meta)
+        os.replace(tmp, final)
+        latest_tmp = os.path.join(root, "latest.tmp")
+        with open(latest_tmp, "w", encoding="utf-8") as f:
+            f.write(step_dir_name(step) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest_tmp, os.path.join(root, "latest"))
+        for _, old in list_checkpoints(root)[:-keep_last_k]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(
+    ckpt_dir: str,
+    engine: Any,
+    tables: dict[str, Any],
+    value_optimizer: torch.optim.Optimizer | None,
+    value_scheduler: Any,
+    rank: int,
+    world_size: int,
+) -> TrainState:
+    """Collective: restore engine, values and this rank's TrainState (RNG states are returned inside
+    the TrainState; the caller restores them last, after everything that may consume randomness)."""
+    meta = read_meta(ckpt_dir)
+    if meta["world_size"] != world_size:
+        raise ValueError(
+            f"checkpoint '{ckpt_dir}' was written by {meta['world_size']} ranks and this run has "
+            f"{world_size}: DeepSpeed's ZeRO optimizer state is partitioned per rank, so resume with "
+            f"{meta['world_size']} ranks (or convert the checkpoint and start a new run from it)."
+        )
+    load_path, _ = engine.load_checkpoint(
+        os.path.join(ckpt_dir, "ds"), tag=meta.get("ds_tag", DS_TAG),
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise ValueError(f"DeepSpeed could not load the engine state from '{ckpt_dir}/ds'.")
+    load_value_state(os.path.join(ckpt_dir, "values"), tables, value_optimizer, value_scheduler)
+    ts_path = os.path.join(ckpt_dir, "train_state", f"rank_{rank:05d}.pt")
+    state = torch.load(ts_path, map_location="cpu", weights_only=False)
+    return TrainState.from_dict(state)
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+    "spiece.model", "sentencepiece.bpe.model", "merges.txt", "vocab.json", "added_tokens.json",
+)
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copy the tokenizer files found in src_dir (a HF model/tokenizer folder) into dst_dir."""
+    copied = []
+    if not src_dir or not os.path.isdir(src_dir):
+        return copied
+    os.makedirs(dst_dir, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        p = os.path.join(src_dir, name)
+        if os.path.isfile(p):
+            shutil.copy2(p, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied

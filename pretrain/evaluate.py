@@ -1,0 +1,111 @@
+"""Evaluation on the validation shards: MLM loss / accuracy and the memory usage metrics.
+
+Every rank evaluates its share of the validation split (the same fixed masks every time: the
+masking is seeded by (seed, epoch 0, sample index)); sums are all-reduced, so the numbers do not
+depend on the world size except through which samples fall in the capped window. All ranks run
+the same number of forward passes, because the sharded value lookup is a collective.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["ValidationData", "evaluate_mlm"]
+
+
+class ValidationData:
+    """The validation split, sharded over ranks, in a fixed order (no shuffle, one epoch)."""
+
+    def __init__(self, shard_dir: str, split: str, max_seq_len: int, packing: str, mask_prob: float,
+                 whole_word_masking: bool, seed: int, micro_batch: int, rank: int, world_size: int) -> None:
+        from pretrain.data import MLMDataset
+
+        self.dataset = MLMDataset(shard_dir, split=split, max_seq_len=max_seq_len, packing=packing,
+                                  mask_prob=mask_prob, whole_word_masking=whole_word_masking, seed=seed)
+        self.micro_batch = micro_batch
+        self.rank, self.world_size = rank, world_size
+
+    def _sampler(self):
+        from pretrain.data import MLMSampler
+
+        return MLMSampler(len(self.dataset), rank=self.rank, world_size=self.world_size, seed=0,
+                          shuffle=False, num_epochs=1)
+
+    def num_batches(self, cap: int = 0) -> int:
+        """Micro-batches this rank has (at most ``cap`` when cap > 0)."""
+        n = -(-len(self._sampler()) // self.micro_batch)
+        return min(n, cap) if cap > 0 else n
+
+    def batches(self, n: int) -> Iterator[dict[str, torch.Tensor]]:
+        keys: list[tuple[int, int]] = []
+        done = 0
+        for key in self._sampler():
+            if done >= n:
+                return
+            keys.append(key)
+            if len(keys) == self.micro_batch:
+                yield self.dataset.collate([self.dataset[k] for k in keys])
+                keys, done = [], done + 1
+        if keys and done < n:
+            yield self.dataset.collate([self.dataset[k] for k in keys])
+
+
+def _all_reduce(t: torch.Tensor, group: Any, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+@torch.no_grad()
+def evaluate_mlm(
+    model: Any,
+    val_data: ValidationData,
+    max_batches: int,
+    device: torch.device,
+    num_rows: list[int],
+    group: Any = None,
+) -> tuple[dict[str, float], list[Any]]:
+    """MLM loss/accuracy over (at most ``max_batches`` per rank of) the validation split, and one
+    filled ``MemoryUsage`` per memory layer (already all-reduced when computed with the group).
+
+    ``model`` is the DeepSpeed engine (or any module taking the batch dict and returning .loss/.logits);
+    it is put in eval mode and back in train mode afterwards.
+    """
+    from pkm.modeling import last_memory_outputs
+    from pkm.usage import MemoryUsage
+
+    was_training = model.training
+    model.eval()
+    usages = [MemoryUsage(n, device=device) for n in num_rows]
+    n_local = val_data.num_batches(max_batches)
+    n = int(_all_reduce(torch.tensor([n_local], device=device), group, op=dist.ReduceOp.MIN).item())
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # sum loss*M, correct, M, tokens
+    for batch in val_data.batches(n):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        labels = batch["labels"]
+        selected = labels != -100  # [B, S]
+        out = model(**batch, masked_logits_only=True)  # logits [M, vocab]
+        m = selected.sum()
+        loss = torch.nan_to_num(out.loss.double(), nan=0.0)  # no masked token: mean over nothing
+        sums[0] += loss * m
+        sums[1] += (out.logits.argmax(-1) == labels[selected]).sum()
+        sums[2] += m
+        sums[3] += batch["attention_mask"].sum()
+        for usage, mo in zip(usages, last_memory_outputs(model)):
+            usage.update(mo.indices, mo.weights)
+    _all_reduce(sums, group)
+    loss_sum, correct, masked, tokens = sums.tolist()
+    metrics = {
+        "loss": loss_sum / masked if masked else float("nan"),
+        "mlm_acc": correct / masked if masked else float("nan"),
+        "perplexity": math.exp(min(50.0, loss_sum / masked)) if masked else float("nan"),
+        "tokens": tokens,
+        "batches_per_rank": float(n),
+    }
+    if was_training:
+        model.train()
+    return metrics, usages

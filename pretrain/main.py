@@ -1,0 +1,492 @@
+"""Pretraining entry point (DeepSpeed launcher or a single process).
+
+    deepspeed --num_gpus N pretrain/main.py --deepspeed_config ds_configs/zero2_bf16.json \\
+        --config configs/bert-base.json [--train.max_steps=1000 --optim.lr=1e-4 ...] [--resume]
+    python pretrain/main.py --deepspeed_config ds_configs/tiny_zero2_fp32.json --config configs/tiny.json
+
+Arguments:
+    --config PATH            run config (JSON, or YAML with pyyaml): model / data / optim / train
+    --deepspeed_config PATH  DeepSpeed JSON: batch sizes, ZeRO stage, precision, offload
+    --section.key=VALUE      override a run-config value (e.g. --train.max_steps=50)
+    --ds.key=VALUE           override a DeepSpeed-config value (e.g. --ds.gradient_accumulation_steps=4)
+    --resume                 same as --train.resume=true
+    --local_rank N           set by the deepspeed launcher (ignored: LOCAL_RANK is read instead)
+
+Everything that can be wrong with the configs, paths and batch sizes is checked before DeepSpeed,
+the model or the data are touched (``prepare_run``), and reported as one sentence saying what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+if __package__ in (None, ""):  # `python pretrain/main.py` / `deepspeed pretrain/main.py`: make `pretrain` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pretrain.config import (  # noqa: E402
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    parse_override_args,
+    read_config_file,
+    save_config,
+)
+
+__all__ = ["PreparedRun", "parse_cli", "prepare_run", "resolve_ds_config", "run", "main", "launch"]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DS_OWNED_BY_RUN_CONFIG = {
+    "optimizer": "optim.lr / optim.betas / optim.eps / optim.weight_decay",
+    "scheduler": "optim.warmup_steps / optim.decay / optim.min_lr_ratio",
+    "gradient_clipping": "optim.grad_clip",
+}
+
+
+@dataclass
+class PreparedRun:
+    """Everything validated and resolved, before any expensive work."""
+
+    cfg: RunConfig
+    ds_config: dict[str, Any]
+    model_config: Any  # BertPkmConfig
+    tokenizer_dir: str | None
+    world_size: int
+    rank: int
+    local_rank: int
+    resume_from: str | None
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+_USAGE = __doc__
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, str | None, list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """-> (run config path, ds config path, run-config overrides, ds-config overrides)."""
+    config_path = ds_path = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        key, eq, val = a.partition("=")
+        if key in ("--config", "--deepspeed_config", "--deepspeed-config", "--local_rank", "--local-rank"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{key} needs a value.")
+                val = argv[i + 1]
+                i += 1
+            if key == "--config":
+                config_path = val
+            elif key.startswith("--deepspeed"):
+                ds_path = val
+        elif a in ("--deepspeed", "--resume"):
+            if a == "--resume":
+                rest.append("--train.resume=true")
+        else:
+            rest.append(a)
+        i += 1
+    overrides = parse_override_args(rest)
+    run_over = [(k, v) for k, v in overrides if not k.startswith("ds.")]
+    ds_over = [(k[3:], v) for k, v in overrides if k.startswith("ds.")]
+    return config_path, ds_path, run_over, ds_over
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and resolution (cheap: no DeepSpeed, no model weights, no data reads)
+# --------------------------------------------------------------------------------------------------
+
+
+def _offload_device(ds: dict[str, Any]) -> str | None:
+    z = ds.get("zero_optimization", {}) or {}
+    dev = (z.get("offload_optimizer") or {}).get("device")
+    return dev if dev not in (None, "none") else None
+
+
+def resolve_ds_config(cfg: RunConfig, ds_raw: dict[str, Any], world_size: int, on_gpu: bool,
+                      ds_name: str = "the DeepSpeed config") -> dict[str, Any]:
+    """The DeepSpeed dict the engine gets: the user's engine settings, checked, plus the optimizer
+    and clipping written from the run config (their single home)."""
+    ds = json.loads(json.dumps(ds_raw))
+    for key, home in _DS_OWNED_BY_RUN_CONFIG.items():
+        if key in ds:
+            raise ValueError(
+                f"{ds_name} sets '{key}', which belongs to the run config ({home}) so that the dense and "
+                f"the value-table schedules come from one place: remove '{key}' from {ds_name}."
+            )
+    # -- batch sizes: train_batch_size = micro x accumulation x world
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    gas = ds.get("gradient_accumulation_steps")
+    total = ds.get("train_batch_size")
+    for name, v in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas),
+                    ("train_batch_size", total)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ValueError(f"{ds_name}: {name} must be a positive integer, got {v!r}.")
+    if micro is None and total is None:
+        raise ValueError(f"{ds_name} sets neither train_micro_batch_size_per_gpu nor train_batch_size: "
+                         "set train_micro_batch_size_per_gpu (sequences per rank per forward).")
+    if micro is None:
+        gas = gas or 1
+        if total % (gas * world_size):
+            raise ValueError(
+                f"{ds_name}: train_batch_size {total} is not divisible by gradient_accumulation_steps ({gas}) x "
+                f"world size ({world_size}): set train_micro_batch_size_per_gpu instead, or make "
+                f"train_batch_size a multiple of {gas * world_size}.")
+        micro = total // (gas * world_size)
+    if gas is None:
+        if total is not None:
+            if total % (micro * world_size):
+                raise ValueError(
+                    f"{ds_name}: train_batch_size {total} is not a multiple of train_micro_batch_size_per_gpu "
+                    f"({micro}) x world size ({world_size}) = {micro * world_size}: change train_batch_size to a "
+                    f"multiple of {micro * world_size}, or set gradient_accumulation_steps.")
+            gas = total // (micro * world_size)
+        else:
+            gas = 1
+    expected = micro * gas * world_size
+    if total is not None and total != expected:
+        raise ValueError(
+            f"{ds_name}: train_batch_size ({total}) must equal train_micro_batch_size_per_gpu ({micro}) x "
+            f"gradient_accumulation_steps ({gas}) x world size ({world_size}) = {expected}: set "
+            f"train_batch_size to {expected}, or drop it (it is derived), or change the micro-batch or the "
+            f"accumulation steps so that the product is {total}.")
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = gas
+    ds["train_batch_size"] = expected
+    # -- precision
+    fp16 = bool((ds.get("fp16") or {}).get("enabled", False))
+    bf16 = bool((ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled", False))
+    if fp16 and bf16:
+        raise ValueError(f"{ds_name} enables both fp16 and bf16: enable one of them (or neither for fp32).")
+    if fp16 and not on_gpu:
+        raise ValueError(
+            f"{ds_name} enables fp16, which DeepSpeed does not support on CPU: use bf16 or fp32 "
+            "(e.g. ds_configs/tiny_zero2_bf16.json or ds_configs/tiny_zero2_fp32.json).")
+    z = ds.get("zero_optimization") or {}
+    stage = z.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{ds_name}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
+    # -- dense optimizer and clipping, from the run config
+    o = cfg.optim
+    offload = _offload_device(ds)
+    use_torch_adam = o.dense_impl == "torch" or (o.dense_impl == "auto" and offload is None)
+    if o.dense_impl == "torch" and offload is not None:
+        raise ValueError(
+            f"{ds_name} offloads the optimizer to {offload}, which needs DeepSpeed's CPU Adam: set "
+            "optim.dense_impl to auto or deepspeed.")
+    params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    if use_torch_adam:
+        params["torch_adam"] = True
+    ds["optimizer"] = {"type": "AdamW", "params": params}
+    if o.grad_clip > 0:
+        ds["gradient_clipping"] = o.grad_clip
+    ds.setdefault("steps_per_print", 10**9)  # our logger reports progress
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _dist_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def _model_config(cfg: RunConfig, vocab_size: int | None, max_seq_len: int, world_size: int):
+    from pkm.configuration import BertPkmConfig
+    from pkm.presets import PRESETS, preset_config
+
+    overrides = dict(cfg.model.overrides)
+    known = set(BertPkmConfig().to_dict()) | {"memory_layers"}
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise ValueError(
+            f"model.overrides has unknown key '{unknown[0]}': it must be a BertPkmConfig field "
+            "(e.g. memory_layers, memory_mode, mem_n_keys, mem_heads, mem_knn, mem_k_dim, hidden_size).")
+    if cfg.model.init_from:
+        from pkm.init_from_bert import _SOURCE_ONLY_CONFIG_KEYS, _source_config  # reads only config.json
+
+        base = _source_config(cfg.model.init_from).to_dict()
+        for key in _SOURCE_ONLY_CONFIG_KEYS:
+            base.pop(key, None)
+        src_vocab = base.get("vocab_size")
+        if vocab_size is not None and src_vocab != vocab_size and "vocab_size" not in overrides:
+            raise ValueError(
+                f"model.init_from '{cfg.model.init_from}' has vocab_size {src_vocab} but the data's tokenizer "
+                f"has {vocab_size}: prepare the shards with that model's tokenizer (python -m data_prep prepare "
+                f"--tokenizer {cfg.model.init_from} ...).")
+        mc = BertPkmConfig(**{**base, **overrides})
+    else:
+        if cfg.model.preset not in PRESETS:
+            raise ValueError(f"model.preset '{cfg.model.preset}' is unknown: choose one of {sorted(PRESETS)}.")
+        if vocab_size is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = vocab_size  # the model speaks the data's tokenizer
+        if "max_position_embeddings" not in overrides:
+            overrides["max_position_embeddings"] = max(PRESETS[cfg.model.preset].get("max_position_embeddings", 512),
+                                                       max_seq_len)
+        mc = preset_config(cfg.model.preset, **overrides)
+    if vocab_size is not None and mc.vocab_size < vocab_size:
+        raise ValueError(f"the model's vocab_size ({mc.vocab_size}) is smaller than the tokenizer's ({vocab_size}): "
+                         "remove vocab_size from model.overrides.")
+    if max_seq_len > mc.max_position_embeddings:
+        raise ValueError(f"data.max_seq_len ({max_seq_len}) exceeds the model's max_position_embeddings "
+                         f"({mc.max_position_embeddings}): lower data.max_seq_len.")
+    if mc.memory_layers and mc.hidden_size < world_size:
+        raise ValueError(f"the value tables (dim {mc.hidden_size}) cannot be split over {world_size} ranks: "
+                         "use fewer ranks or a larger model.")
+    return mc
+
+
+def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: list[tuple[str, Any]],
+                ds_overrides: list[tuple[str, Any]] | None = None, world_size: int | None = None,
+                on_gpu: bool | None = None) -> PreparedRun:
+    """Load, merge and check everything; raises ValueError with what to fix. No expensive work."""
+    import torch
+
+    env_world, rank, local_rank = _dist_env()
+    world_size = env_world if world_size is None else world_size
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    data = read_config_file(config_path) if config_path else {}
+    cfg = config_from_dict(apply_overrides(data, run_overrides))
+    if not ds_path:
+        raise ValueError("no DeepSpeed config given: pass --deepspeed_config ds_configs/<x>.json "
+                         "(e.g. ds_configs/tiny_zero2_fp32.json on a CPU).")
+    if not os.path.isfile(ds_path):
+        raise ValueError(f"DeepSpeed config '{ds_path}' does not exist (the shipped ones are in ds_configs/).")
+    try:
+        with open(ds_path, encoding="utf-8") as f:
+            ds_raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config '{ds_path}' is not valid JSON: {e}.") from e
+    ds_raw = apply_overrides(ds_raw, ds_overrides or [])
+    ds = resolve_ds_config(cfg, ds_raw, world_size, on_gpu, ds_name=f"'{ds_path}'")
+
+    # -- data
+    d = cfg.data
+    if not d.shard_dir:
+        raise ValueError("data.shard_dir is empty: set it to a folder written by `python -m data_prep prepare`.")
+    if not os.path.isdir(d.shard_dir):
+        raise ValueError(f"data.shard_dir '{d.shard_dir}' does not exist: run `python -m data_prep prepare ... "
+                         f"--out {d.shard_dir}` first, or fix the path.")
+    manifest_path = os.path.join(d.shard_dir, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise ValueError(f"data.shard_dir '{d.shard_dir}' has no manifest.json: data prep did not finish there; "
+                         "re-run `python -m data_prep prepare` (it resumes).")
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    splits = manifest.get("splits", {})
+    for split in (d.train_split, d.val_split):
+        if split not in splits or not splits[split].get("num_docs"):
+            raise ValueError(
+                f"data.shard_dir '{d.shard_dir}' has no documents in split '{split}' (splits: "
+                f"{ {k: v.get('num_docs') for k, v in splits.items()} }): prepare more data or raise "
+                "--valid-fraction for a validation split.")
+    vocab_size = int(manifest.get("tokenizer", {}).get("vocab_size", 0)) or None
+    tok_dir = os.path.join(d.shard_dir, manifest.get("tokenizer_dir", "tokenizer"))
+    if not os.path.isdir(tok_dir):
+        tok_dir = None
+
+    # -- model
+    if cfg.model.init_from:
+        if not os.path.isdir(cfg.model.init_from) or not os.path.isfile(os.path.join(cfg.model.init_from, "config.json")):
+            raise ValueError(f"model.init_from '{cfg.model.init_from}' is not a Hugging Face model folder "
+                             "(config.json + weights): fix the path or drop init_from to train from scratch.")
+        if tok_dir is None:
+            tok_dir = cfg.model.init_from
+    model_config = _model_config(cfg, vocab_size, d.max_seq_len, world_size)
+
+    # -- output folder / resume
+    from pretrain.checkpoint import checkpoint_root, latest_checkpoint
+
+    t = cfg.train
+    existing = latest_checkpoint(t.out_dir) if os.path.isdir(t.out_dir) else None
+    resume_from = None
+    if t.resume:
+        if existing is None:
+            raise ValueError(f"train.resume is set but '{checkpoint_root(t.out_dir)}' holds no complete checkpoint: "
+                             "drop --resume to start a new run, or fix train.out_dir.")
+        resume_from = existing
+    elif existing is not None:
+        raise ValueError(f"train.out_dir '{t.out_dir}' already holds checkpoints (latest: {existing}): pass "
+                         "--resume to continue that run, or choose another train.out_dir.")
+    if t.debug_kill_after_step and t.ckpt_every and t.debug_kill_after_step % t.ckpt_every:
+        raise ValueError("train.debug_kill_after_step must be a multiple of train.ckpt_every (the kill follows a checkpoint).")
+    return PreparedRun(cfg, ds, model_config, tok_dir, world_size, rank, local_rank, resume_from)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run (expensive part)
+# --------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """`python pretrain/main.py`: a world of one, as the launcher would have described it."""
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+                           "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+
+
+def build_model(prep: PreparedRun):
+    """The model (same init on every rank: seeded), from a preset or a memory-less BERT."""
+    from pkm.modeling import BertPkmForMaskedLM
+    from pretrain.trainer import seed_everything
+
+    cfg = prep.cfg
+    seed_everything(cfg.model.value_init_seed if cfg.model.value_init_seed is not None else cfg.train.seed)
+    if cfg.model.init_from:
+        from pkm.modeling import init_from_pretrained_bert
+
+        model, report = init_from_pretrained_bert(cfg.model.init_from, dict(cfg.model.overrides))
+        summary = f"init_from {cfg.model.init_from}: {len(report.loaded)} tensors loaded, {len(report.added)} new"
+    else:
+        model = BertPkmForMaskedLM(prep.model_config)
+        summary = f"preset {cfg.model.preset} from scratch"
+    model.train()
+    return model, summary
+
+
+def run(prep: PreparedRun):
+    """Initialise distributed + DeepSpeed, build everything, train. Returns the TrainResult."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from pkm.modeling import parameter_groups
+    from pkm.sharded_values import shard_memory_values
+    from pkm.sparse_adam import SparseAdam
+    from pretrain.logging_utils import get_logger
+    from pretrain.trainer import Trainer, TrainStream, ValidationData, fp32_batchnorm_adapter, lr_lambda, seed_everything
+
+    cfg, ds = prep.cfg, prep.ds_config
+    logger = get_logger(prep.rank)
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == prep.world_size, (world, prep.world_size)
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(prep.local_rank)
+    device = torch.device(accel.current_device_name())
+    if rank == 0:
+        os.makedirs(cfg.train.out_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.train.out_dir, "run_config.json"))
+        with open(os.path.join(cfg.train.out_dir, "ds_config.json"), "w", encoding="utf-8") as f:
+            json.dump(ds, f, indent=2)
+
+    model, summary = build_model(prep)
+    logger.info(f"model: {summary}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M dense parameters "
+                f"before sharding; world {world} ({accel.device_name()}, {dist.get_backend()})")
+    # value tables: out of the module (so DeepSpeed never sees them), column-sharded over the DP group
+    tables = shard_memory_values(model, group=None, grad_reduction="mean", device=device)
+    for name, t in tables.items():
+        logger.info(f"value table {name}: {t.num_rows} x {t.dim}, this rank holds columns "
+                    f"[{t.col_start}, {t.col_end}) = {tuple(t.weight.shape)} "
+                    f"({t.weight.numel() * t.weight.element_size() / 2**20:.2f} MiB)")
+    o = cfg.optim
+    schedule = lr_lambda(o, cfg.train.max_steps)
+    value_opt = SparseAdam(list(tables.values()), lr=o.value_lr, betas=tuple(o.value_betas), eps=o.value_eps,
+                           weight_decay=o.value_weight_decay)
+    value_sched = LambdaLR(value_opt, schedule)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=parameter_groups(model, o.weight_decay), config=ds,
+        lr_scheduler=lambda opt: LambdaLR(opt, schedule),
+    )
+    fp32_batchnorm_adapter(engine.module)
+    seed_everything(cfg.train.seed + 1000 * rank)  # dropout streams differ across ranks
+    d = cfg.data
+    micro = ds["train_micro_batch_size_per_gpu"]
+    train_data = TrainStream(d.shard_dir, d.train_split, d.max_seq_len, d.packing, d.mlm_probability,
+                             d.whole_word_masking, cfg.train.seed, micro, rank, world, d.num_workers)
+    val_data = ValidationData(d.shard_dir, d.val_split, d.max_seq_len, d.packing, d.mlm_probability,
+                              d.whole_word_masking, cfg.train.seed, micro, rank, world)
+    trainer = Trainer(cfg, engine, tables, value_opt, value_sched, train_data, val_data, ds, rank, world,
+                      group=None, model_config=prep.model_config, tokenizer_dir=prep.tokenizer_dir)
+    if prep.resume_from:
+        trainer.resume(prep.resume_from)
+    result = trainer.train()
+    logger.info(f"done at step {result.step}" + (" (interrupted)" if result.interrupted else "")
+                + (f"; last checkpoint {result.last_checkpoint}" if result.last_checkpoint else ""))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(_USAGE)
+        print("Run-config keys and defaults:")
+        print(json.dumps(config_to_dict(RunConfig()), indent=2))
+        return 0
+    try:
+        prep = prepare_run(*parse_cli(argv))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _single_process_env()
+    try:
+        run(prep)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Python API for scripts and the demo
+# --------------------------------------------------------------------------------------------------
+
+
+def launch(config: str | RunConfig | dict[str, Any], ds_config: str, num_procs: int = 1,
+           overrides: list[str] | None = None, env: dict[str, str] | None = None,
+           master_port: int | None = None, log_file: str | None = None, check: bool = True) -> int:
+    """Run pretraining in child processes under the ``deepspeed`` launcher (``num_procs`` ranks on
+    this machine) and wait. ``config``: a run-config path, a RunConfig or a dict (written to a temp
+    file). ``overrides``: extra CLI strings such as ``["--train.max_steps=50"]``. Returns the exit
+    code (raises RuntimeError when ``check`` and it is non-zero). Validation runs first, in-process,
+    so config mistakes raise ValueError here instead of in the ranks."""
+    import tempfile
+
+    overrides = list(overrides or [])
+    if isinstance(config, (RunConfig, dict)):
+        data = config_to_dict(config) if isinstance(config, RunConfig) else config
+        fd, path = tempfile.mkstemp(prefix="run_config_", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        config = path
+    parsed = parse_cli(["--config", config, "--deepspeed_config", ds_config, *overrides])
+    prepare_run(*parsed, world_size=num_procs)  # fail fast, with the same messages as the ranks
+    deepspeed_bin = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [deepspeed_bin, "--num_gpus", str(num_procs), "--master_port", str(master_port or _free_port()),
+           os.path.join(REPO_ROOT, "pretrain", "main.py"), "--config", config, "--deepspeed_config", ds_config,
+           *overrides]
+    child_env = {**os.environ, **(env or {})}
+    child_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + child_env.get("PYTHONPATH", "")
+    if log_file:
+        with open(log_file, "w", encoding="utf-8") as f:
+            rc = subprocess.call(cmd, env=child_env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    else:
+        rc = subprocess.call(cmd, env=child_env, cwd=REPO_ROOT)
+    if check and rc != 0:
+        raise RuntimeError(f"pretraining exited with code {rc}" + (f"; see {log_file}" if log_file else ""))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

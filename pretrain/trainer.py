@@ -1,0 +1,563 @@
+"""The pretraining loop: DeepSpeed engine for the dense parameters, sharded value tables beside it.
+
+One optimizer step (``Trainer.train_step``)::
+
+    for each of the gradient_accumulation_steps micro-batches:
+        loss = engine(batch).loss            # the memory looks values up in the sharded tables
+        engine.backward(loss)                # dense grads (ZeRO) + row-sparse value grads (tables)
+        engine.step()                        # only the boundary micro-batch really steps
+    value step (only if the engine applied its step, i.e. no fp16 overflow):
+        unscale fp16, global value-grad norm (all-reduce over the group), clip, SparseAdam.step,
+        staleness tracker marks the touched rows, value LR scheduler steps
+    else: drop the value grads (the engine skipped the step for overflow)
+
+Gradient scaling of the value tables matches the dense parameters (DESIGN.md): the engine divides
+the loss by the accumulation steps and, with fp16, multiplies it by the loss scale, and the value
+grads come from that same loss; ``ShardedValueTable(grad_reduction="mean")`` already applies the 1/P
+that turns its sum over all ranks' tokens into the data-parallel mean. Only the fp16 loss scale is
+removed here (read from the engine's optimizer before ``engine.step`` may change it).
+
+Both learning rates follow ``lr_lambda`` (warmup, then linear/cosine/constant): the dense one through
+a LambdaLR the engine owns (stepped by the engine, skipped with its step on overflow, saved in its
+checkpoint), the value one through a LambdaLR on SparseAdam stepped right after.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import OptimConfig, RunConfig, config_to_dict
+from pretrain.evaluate import ValidationData, evaluate_mlm
+from pretrain.logging_utils import MetricsLogger, get_logger
+
+__all__ = ["lr_lambda", "Trainer", "TrainResult", "TrainStream", "ValidationData", "seed_everything",
+           "fp32_batchnorm_adapter"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The one schedule both optimizers follow
+# --------------------------------------------------------------------------------------------------
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr after ``step`` optimizer steps (LambdaLR convention: step 0 is the
+    first update). Linear warmup over ``warmup_steps`` (the first update uses 1/warmup of the peak),
+    then decay to ``min_lr_ratio`` at ``decay_steps`` (default max_steps) and flat after it."""
+    warmup = optim.warmup_steps
+    horizon = optim.decay_steps if optim.decay_steps is not None else max_steps
+    floor = optim.min_lr_ratio
+    shape = optim.decay
+
+    def fn(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if shape == "constant" or horizon <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
+        if shape == "linear":
+            return floor + (1.0 - floor) * (1.0 - progress)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+    return fn
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Local adapter: BatchNorm in the memory's query net under DeepSpeed bf16/fp16
+# --------------------------------------------------------------------------------------------------
+
+
+def _fp32_batchnorm_forward(bn: torch.nn.modules.batchnorm._BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked)
+        use_batch_stats = bn.training or bn.running_mean is None
+        w = bn.weight.float() if bn.weight is not None else None
+        b = bn.bias.float() if bn.bias is not None else None
+        out = F.batch_norm(
+            x.float(), bn.running_mean if not bn.training or bn.track_running_stats else None,
+            bn.running_var if not bn.training or bn.track_running_stats else None,
+            w, b, use_batch_stats, factor, bn.eps,
+        )
+        return out.to(x.dtype)
+
+    return forward
+
+
+def fp32_batchnorm_adapter(module: torch.nn.Module) -> int:
+    """DeepSpeed bf16/fp16 casts every parameter but no buffer, so a BatchNorm ends up with bf16
+    weight/bias, fp32 running stats and bf16 input, which ``F.batch_norm`` rejects. Compute such
+    BatchNorms in fp32 (stats stay fp32 and exact) and cast the output back. Returns how many were
+    patched. (A fix inside pkm/memory.py would make this unnecessary.)"""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            if m.running_mean is not None and m.weight.dtype != m.running_mean.dtype:
+                m.forward = _fp32_batchnorm_forward(m)  # instance attribute: module hooks still run
+                n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Training data: an endless, resumable stream of micro-batches for this rank
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainStream:
+    """Micro-batches of this rank from ``pretrain.data`` (MLMDataset + MLMSampler + DataLoader).
+
+    The data position is the number of *global* samples the loop has consumed (counted here, not
+    read from the sampler, which a prefetching DataLoader runs ahead of); resuming rebuilds the
+    loader at that position, and since masks are seeded per (seed, epoch, index) the batches after
+    a resume are the ones the uninterrupted run would have seen.
+    """
+
+    def __init__(self, shard_dir: str, split: str, max_seq_len: int, packing: str, mask_prob: float,
+                 whole_word_masking: bool, seed: int, micro_batch: int, rank: int, world_size: int,
+                 num_workers: int = 0) -> None:
+        from pretrain.data import MLMDataset
+
+        self.dataset = MLMDataset(shard_dir, split=split, max_seq_len=max_seq_len, packing=packing,
+                                  mask_prob=mask_prob, whole_word_masking=whole_word_masking, seed=seed)
+        self.seed, self.micro_batch = seed, micro_batch
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.consumed_samples = 0
+        self._iter: Any = None
+
+    def _start(self) -> None:
+        from pretrain.data import MLMSampler
+
+        sampler = MLMSampler(len(self.dataset), rank=self.rank, world_size=self.world_size, seed=self.seed,
+                             shuffle=True, consumed_samples=self.consumed_samples)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.micro_batch, sampler=sampler, collate_fn=self.dataset.collate,
+            num_workers=self.num_workers, persistent_workers=False,
+        )
+        self._iter = iter(loader)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self._iter is None:
+            self._start()
+        batch = next(self._iter)
+        self.consumed_samples += self.micro_batch * self.world_size
+        return batch
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed_samples // len(self.dataset)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_samples": self.consumed_samples, "num_samples": len(self.dataset), "seed": self.seed,
+                "micro_batch": self.micro_batch, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_samples", len(self.dataset)) != len(self.dataset) or state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                "the checkpoint's data position was saved for another dataset or seed "
+                f"({state.get('num_samples')} samples, seed {state.get('seed')}; now {len(self.dataset)}, "
+                f"{self.seed}): resume with the same data.shard_dir, data.max_seq_len and train.seed."
+            )
+        self.consumed_samples = int(state["consumed_samples"])
+        self._iter = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    step: int
+    interrupted: bool
+    last_checkpoint: str | None
+    final_loss: float | None
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker): no handler
+                pass
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.requested = True
+        self.signum = signum
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+
+class Trainer:
+    """Owns engine, value tables, data and logging for one run (every rank builds one)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        engine: Any,
+        tables: dict[str, Any],
+        value_optimizer: Any,
+        value_scheduler: Any,
+        train_data: Any,
+        val_data: Any,
+        ds_config: dict[str, Any],
+        rank: int,
+        world_size: int,
+        group: Any = None,
+        model_config: Any = None,
+        tokenizer_dir: str | None = None,
+    ) -> None:
+        from pkm.modeling import last_memory_outputs, memory_modules
+        from pkm.usage import MemoryUsage, StalenessTracker
+
+        self.cfg = cfg
+        self.engine = engine
+        self.tables = tables
+        self.value_optimizer = value_optimizer
+        self.value_scheduler = value_scheduler
+        self.train_data = train_data
+        self.val_data = val_data
+        self.ds_config = ds_config
+        self.rank = rank
+        self.world_size = world_size
+        self.group = group
+        self.model_config = model_config
+        self.tokenizer_dir = tokenizer_dir
+        self.device = engine.device
+        self.gas = int(engine.gradient_accumulation_steps())
+        self.fp16 = bool(engine.fp16_enabled())
+        self.logger = get_logger(rank)
+        self.metrics = MetricsLogger(cfg.train.out_dir, rank=rank, tensorboard=cfg.train.tensorboard,
+                                     max_steps=cfg.train.max_steps, logger=self.logger)
+        self._last_memory_outputs = last_memory_outputs
+        self.memories = memory_modules(engine.module)
+        self.table_list = list(tables.values())
+        self.memory_names = list(tables.keys())
+        self.train_usage = [MemoryUsage(t.num_rows, device=self.device) for t in self.table_list]
+        self.staleness = [StalenessTracker(t.num_rows, device=self.device) for t in self.table_list]
+        # tokens / samples not yet added to state (all-reduced at log and checkpoint steps only)
+        self._pending_counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.state = ckpt.TrainState()
+        self.stop = _StopFlag()
+        self.last_checkpoint: str | None = None
+        self._reset_interval()
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def _reset_interval(self) -> None:
+        z = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
+        self._acc = {"loss_sum": z(), "micro": z(), "correct": z(), "masked": z(), "tokens": z(),
+                     "samples": z(), "value_sq_norm": z(), "value_steps": z(), "dense_norm": z(),
+                     "dense_norm_steps": z(), "skipped": z()}
+        self._interval_t0 = time.perf_counter()
+        self._interval_steps = 0
+        for u in self.train_usage:
+            u.reset()
+
+    def resume(self, ckpt_dir: str) -> None:
+        ts = ckpt.load_checkpoint(ckpt_dir, self.engine, self.tables, self.value_optimizer,
+                                  self.value_scheduler, self.rank, self.world_size)
+        self.state = ts
+        self.train_data.load_state_dict(ts.sampler)
+        for tracker, st in zip(self.staleness, ts.staleness):
+            tracker.load_state_dict(st)
+        ckpt.restore_rng_state(ts.rng)  # last: nothing after this may draw random numbers
+        self.last_checkpoint = ckpt_dir
+        if self.rank == 0:
+            self._truncate_metrics(ts.step)
+        self.logger.info(f"resumed from {ckpt_dir} at step {ts.step} ({ts.tokens_seen:,} tokens seen)")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """A killed run may have logged steps after its last checkpoint; the resumed run logs them
+        again, so drop them from metrics.jsonl to keep one record per (step, kind)."""
+        path = os.path.join(self.cfg.train.out_dir, "metrics.jsonl")
+        if not os.path.isfile(path):
+            return
+        import json
+
+        self.metrics.close()
+        with open(path, encoding="utf-8") as f:
+            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+        self.metrics = MetricsLogger(self.cfg.train.out_dir, rank=self.rank, tensorboard=self.cfg.train.tensorboard,
+                                     max_steps=self.cfg.train.max_steps, logger=self.logger)
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _loss_scale(self) -> float:
+        if not self.fp16:
+            return 1.0
+        scale = getattr(self.engine.optimizer, "loss_scale", None)
+        if scale is None:
+            scale = getattr(self.engine.optimizer, "cur_scale", 1.0)
+        return float(scale)
+
+    def train_step(self) -> None:
+        engine = self.engine
+        engine.train()
+        acc = self._acc
+        for micro in range(self.gas):
+            batch = self._to_device(self.train_data.next_batch())
+            labels = batch["labels"]
+            out = engine(**batch)
+            loss = out.loss
+            with torch.no_grad():
+                masked = labels != -100  # [B, S]
+                target = labels[masked]  # [M]
+                logits = out.logits  # [M, vocab] (masked_logits_only in training) or [B, S, vocab]
+                if logits.dim() == 3:
+                    logits = logits[masked]
+                acc["loss_sum"] += loss.detach().double()
+                acc["micro"] += 1
+                acc["correct"] += (logits.argmax(-1) == target).sum()
+                acc["masked"] += target.numel()
+                acc["tokens"] += batch["attention_mask"].sum()
+                acc["samples"] += labels.shape[0]
+                self._pending_counts[0] += batch["attention_mask"].sum()
+                self._pending_counts[1] += labels.shape[0]
+                for usage, mo in zip(self.train_usage, self._last_memory_outputs(engine.module)):
+                    usage.update(mo.indices, mo.weights)
+            if micro == self.gas - 1:
+                assert engine.is_gradient_accumulation_boundary(), "micro-batch loop out of sync with the engine"
+                loss_scale = self._loss_scale()  # before step(): an overflow step lowers it
+            engine.backward(loss)
+            engine.step()
+        self._value_step(loss_scale)
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            acc["dense_norm"] += torch.as_tensor(norm, dtype=torch.float64, device=self.device)
+            acc["dense_norm_steps"] += 1
+        self.state.step += 1
+        self._interval_steps += 1
+
+    def _value_step(self, loss_scale: float) -> None:
+        """Step the value tables iff the engine applied its step (fp16 overflow -> both skip)."""
+        tables, acc = self.table_list, self._acc
+        if not self.engine.was_step_applied():
+            for t in tables:
+                t.zero_grad()
+            acc["skipped"] += 1
+            return
+        if loss_scale != 1.0:
+            for t in tables:
+                t.scale_grad_(1.0 / loss_scale)
+        sq = torch.stack([t.grad_sq_norm().to(torch.float64) for t in tables]).sum()
+        if self.world_size > 1:
+            sq = sq.to(self.device)
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)  # shards hold disjoint columns
+        norm = sq.sqrt()
+        clip = self.cfg.optim.value_grad_clip
+        if clip > 0:
+            # min(1, clip / norm) as a tensor: no host sync on the hot path
+            factor = torch.clamp(clip / (norm + 1e-6), max=1.0).to(torch.float32)
+            for t in tables:
+                if t.sparse_grad is not None:
+                    t.sparse_grad.values.mul_(factor.to(t.sparse_grad.values.device))
+        if self.fp16:
+            # the engine saw no overflow in the dense grads; an overflow in the value grads alone
+            # must not write inf into the tables (one sync, fp16 only)
+            if not bool(torch.isfinite(norm)):
+                for t in tables:
+                    t.zero_grad()
+                acc["skipped"] += 1
+                return
+        step = self.state.step + 1
+        for t, tracker in zip(tables, self.staleness):
+            if t.sparse_grad is not None:
+                tracker.mark_updated(t.sparse_grad.rows, step)  # before SparseAdam clears the grad
+        self.value_optimizer.step()
+        self.value_scheduler.step()
+        acc["value_sq_norm"] += norm.to(self.device)
+        acc["value_steps"] += 1
+
+    # -- logging ----------------------------------------------------------------------------------
+
+    def _reduce(self, values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(values, op=op, group=self.group)
+        return values
+
+    def _flush_counts(self) -> None:
+        counts = self._reduce(self._pending_counts.clone()).tolist()
+        self.state.tokens_seen += int(counts[0])
+        self.state.samples_seen += int(counts[1])
+        self._pending_counts.zero_()
+
+    def _log_train(self) -> dict[str, float]:
+        acc = self._acc
+        keys = ["loss_sum", "micro", "correct", "masked", "tokens", "samples"]
+        summed = self._reduce(torch.stack([acc[k] for k in keys]).to(self.device)).tolist()  # the .item() of the interval
+        s = dict(zip(keys, summed))
+        local = torch.stack([acc["value_sq_norm"], acc["value_steps"], acc["dense_norm"],
+                             acc["dense_norm_steps"], acc["skipped"]]).tolist()
+        elapsed = time.perf_counter() - self._interval_t0
+        steps = max(1, self._interval_steps)
+        self._flush_counts()
+        metrics: dict[str, float] = {
+            "loss": s["loss_sum"] / max(1.0, s["micro"]),
+            "mlm_acc": s["correct"] / max(1.0, s["masked"]),
+            "lr": float(self.engine.get_lr()[0]),
+            "value_lr": float(self.value_optimizer.param_groups[0]["lr"]),
+            "grad_norm": local[2] / local[3] if local[3] else float("nan"),
+            "value_grad_norm": local[0] / local[1] if local[1] else float("nan"),
+            "tokens_per_s": s["tokens"] / elapsed,
+            "samples_per_s": s["samples"] / elapsed,
+            "step_time_s": elapsed / steps,
+            "tokens_seen": float(self.state.tokens_seen),
+            "skipped_steps": local[4],
+        }
+        if self.fp16:
+            metrics["loss_scale"] = self._loss_scale()
+        for name, usage in zip(self.memory_names, self.train_usage):
+            m = usage.compute(process_group=self.group if self.world_size > 1 else None)
+            prefix = f"memory/{_short(name)}/"
+            metrics[prefix + "usage"] = m["usage"]
+            metrics[prefix + "top1_usage"] = m["top1_usage"]
+        self.metrics.log(self.state.step, metrics, kind="train")
+        self._reset_interval()
+        return metrics
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        from pkm.usage import summarize
+
+        step = self.state.step
+        metrics, usages = evaluate_mlm(self.engine, self.val_data, self.cfg.train.eval_batches, self.device,
+                                       [t.num_rows for t in self.table_list], group=self.group)
+        for name, usage, tracker in zip(self.memory_names, usages, self.staleness):
+            prefix = f"memory/{_short(name)}/"
+            u = usage.compute(process_group=self.group if self.world_size > 1 else None)
+            metrics.update(summarize(u, tracker, step=step, window_steps=self.cfg.train.stale_window_steps,
+                                     prefix=prefix))
+            hist = tracker.histogram(step).tolist()
+            metrics[prefix + "stale_hist"] = hist  # JSONL keeps the list; TensorBoard one scalar per bin
+            self.metrics.log_histogram(f"eval/{prefix}stale_hist", hist, step)
+        self.metrics.log(step, metrics, kind="eval")
+        return metrics
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save(self) -> str:
+        self._flush_counts()
+        self.state.epoch = self.train_data.epoch
+        self.state.sampler = self.train_data.state_dict()
+        self.state.rng = ckpt.capture_rng_state()
+        self.state.staleness = [t.state_dict() for t in self.staleness]
+        t0 = time.perf_counter()
+        path = ckpt.save_checkpoint(
+            self.cfg.train.out_dir, self.state.step, self.engine, self.tables, self.value_optimizer,
+            self.value_scheduler, self.state, self.rank, self.world_size, self.cfg.train.keep_last_k,
+            extra_files={"run_config.json": config_to_dict(self.cfg), "ds_config.json": self.ds_config},
+            model_config=self.model_config, tokenizer_dir=self.tokenizer_dir,
+        )
+        self.last_checkpoint = path
+        self.logger.info(f"checkpoint step {self.state.step} -> {path} ({time.perf_counter() - t0:.1f}s)")
+        return path
+
+    def _stop_requested(self) -> bool:
+        """Every rank must agree to stop at the same step (a signal may reach ranks at different
+        times): one tiny all-reduce per step."""
+        flag = torch.tensor([1 if self.stop.requested else 0], device=self.device)
+        return bool(self._reduce(flag, op=dist.ReduceOp.MAX).item())
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        t = self.cfg.train
+        self.stop.install()
+        self.metrics.set_start(self.state.step)
+        self._reset_interval()
+        last_metrics: dict[str, float] | None = None
+        interrupted = False
+        try:
+            while self.state.step < t.max_steps:
+                self.train_step()
+                step = self.state.step
+                if step % t.log_every == 0 or step == t.max_steps:
+                    last_metrics = self._log_train()
+                if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
+                    self.evaluate()
+                stop = self._stop_requested()
+                if (t.ckpt_every and step % t.ckpt_every == 0) or stop or step == t.max_steps:
+                    self.save()
+                if t.debug_kill_after_step and step == t.debug_kill_after_step:
+                    # tests: die like a preempted node right after a complete checkpoint
+                    self.metrics.close()
+                    if dist.is_initialized():
+                        dist.barrier()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stop:
+                    interrupted = True
+                    self.logger.info(f"stopping at step {step} on signal {self.stop.signum}; checkpoint saved")
+                    break
+            if not interrupted:
+                self.evaluate()
+                if t.debug_dump_logits:
+                    self.dump_logits()
+        finally:
+            self.stop.uninstall()
+            self.metrics.close()
+        return TrainResult(self.state.step, interrupted, self.last_checkpoint,
+                           last_metrics["loss"] if last_metrics else None)
+
+    @torch.no_grad()
+    def dump_logits(self) -> None:
+        """Tests: the live model's full logits on the first validation batch (rank 0's), to compare
+        with the converted HF model."""
+        self.engine.eval()
+        batch = self._to_device(next(iter(self.val_data.batches(1))))
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = self.engine(**inputs, masked_logits_only=False)
+        if self.rank == 0:
+            torch.save({"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": out.logits.float().cpu()},
+                       os.path.join(self.cfg.train.out_dir, "debug_logits.pt"))
+
+
+def _short(module_path: str) -> str:
+    """'bert.encoder.layer.1.memory' -> 'layer1' (metric names)."""
+    parts = module_path.split(".")
+    if "layer" in parts:
+        i = parts.index("layer")
+        if i + 1 < len(parts):
+            return f"layer{parts[i + 1]}"
+    return module_path.replace(".", "_")

@@ -1,0 +1,174 @@
+"""ProductKeyMemory against a naive O(N) reference that scores all n^2 product keys exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pkm.memory import ProductKeyMemory
+
+
+def naive_memory(mem: ProductKeyMemory, x: torch.Tensor, values: torch.Tensor):
+    """Reference: same parameters, but builds all N = n^2 full keys and scores every one of them.
+
+    x [T, d] (real tokens); values a dense [N, v] tensor (so autograd gives a dense value grad).
+    Returns (output [T, v], indices [T, H, k], weights [T, H, k]).
+    """
+    h, n, k, k_dim = mem.heads, mem.n_keys, mem.knn, mem.k_dim
+    q = F.linear(x, mem.query_proj.weight, mem.query_proj.bias)
+    norm = mem.query_norm
+    if isinstance(norm, torch.nn.BatchNorm1d):
+        q = F.batch_norm(q, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+    else:
+        q = F.layer_norm(q, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    q = q.view(-1, h, k_dim)  # [T, H, k_dim]
+    k1, k2 = mem.keys[:, 0], mem.keys[:, 1]  # [H, n, half]
+    # full product keys: key[a * n + b] = concat(k1[a], k2[b])  -> [H, N, k_dim]
+    full = torch.cat(
+        [k1.unsqueeze(2).expand(h, n, n, k_dim // 2), k2.unsqueeze(1).expand(h, n, n, k_dim // 2)],
+        dim=-1,
+    ).reshape(h, n * n, k_dim)
+    scores_all = torch.einsum("thd,hnd->thn", q, full)  # [T, H, N]
+    scores, indices = scores_all.topk(k, dim=-1)  # [T, H, k]
+    weights = scores.softmax(-1)
+    out = (weights.unsqueeze(-1) * values[indices]).sum(dim=(1, 2))  # [T, v]
+    return out, indices, weights
+
+
+CONFIGS = [  # (n_keys, heads, knn, k_dim, query_norm)
+    (8, 1, 1, 8, "batchnorm"),
+    (16, 4, 8, 16, "batchnorm"),
+    (32, 1, 32, 16, "layernorm"),
+    (64, 4, 32, 32, "batchnorm"),
+    (64, 4, 8, 16, "layernorm"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_keys,heads,knn,k_dim,query_norm", CONFIGS)
+def test_matches_naive_reference(n_keys, heads, knn, k_dim, query_norm, dtype):
+    torch.manual_seed(1000 * n_keys + 10 * knn + heads)
+    d_in, d_out, tokens = 12, 10, 24
+    mem = ProductKeyMemory(d_in, d_out, n_keys=n_keys, heads=heads, knn=knn, k_dim=k_dim,
+                           query_norm=query_norm).to(dtype)
+    x = torch.randn(tokens, d_in, dtype=dtype, requires_grad=True)
+    probe = torch.randn(tokens, d_out, dtype=dtype)
+
+    res = mem(x)
+    (res.output * probe).sum().backward()
+    fast_grads = {name: p.grad.clone() for name, p in mem.named_parameters() if p.grad is not None}
+    fast_x_grad = x.grad.clone()
+    sg = mem.values.sparse_grad
+    fast_value_grad = torch.zeros(mem.size, d_out, dtype=torch.float64)
+    fast_value_grad[sg.rows] = sg.values.double()
+    assert sg.rows.unique().numel() == sg.rows.numel(), "sparse grad must be coalesced"
+    assert torch.all(sg.rows[1:] > sg.rows[:-1]), "sparse grad rows must be sorted"
+
+    mem.zero_grad()
+    x.grad = None
+    values = mem.values.weight.detach().clone().to(dtype).requires_grad_(True)
+    ref_out, ref_idx, ref_w = naive_memory(mem, x, values)
+    (ref_out * probe).sum().backward()
+
+    tol = dict(atol=1e-5, rtol=1e-5)
+    assert torch.equal(res.indices, ref_idx)
+    torch.testing.assert_close(res.weights, ref_w, **tol)
+    torch.testing.assert_close(res.output, ref_out, **tol)
+    torch.testing.assert_close(fast_x_grad, x.grad, **tol)
+    for name, p in mem.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fast_grads[name], p.grad, **tol, msg=f"grad of {name}")
+    assert set(fast_grads) == {n for n, p in mem.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(fast_value_grad, values.grad.double(), **tol)
+    # the value grad is row-sparse: exactly the looked-up rows
+    assert torch.equal(sg.rows, torch.unique(ref_idx))
+
+
+def test_padding_leaves_outputs_and_batchnorm_stats_unchanged():
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(16, 8, n_keys=16, heads=2, knn=4, k_dim=16).train()
+    real = torch.randn(2, 5, 16)
+    mask_small = torch.ones(2, 5, dtype=torch.long)
+    mem_padded = ProductKeyMemory(16, 8, n_keys=16, heads=2, knn=4, k_dim=16).train()
+    mem_padded.load_state_dict(mem.state_dict())
+
+    out_small = mem(real, mask_small)
+    # same real tokens, plus 3 padded positions per sequence full of large junk
+    padded = torch.cat([real, 100 * torch.randn(2, 3, 16)], dim=1)
+    mask = torch.cat([mask_small, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    out_padded = mem_padded(padded, mask)
+
+    torch.testing.assert_close(out_padded.output[:, :5], out_small.output, atol=1e-6, rtol=1e-6)
+    assert torch.all(out_padded.output[:, 5:] == 0)
+    assert torch.equal(out_padded.indices, out_small.indices)
+    assert out_padded.indices.shape == (10, 2, 4)
+    bn_a, bn_b = mem.query_norm, mem_padded.query_norm
+    torch.testing.assert_close(bn_a.running_mean, bn_b.running_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(bn_a.running_var, bn_b.running_var, atol=1e-6, rtol=1e-6)
+    assert int(bn_a.num_batches_tracked) == int(bn_b.num_batches_tracked) == 1
+    # the running stats did move (so the comparison above is meaningful)
+    assert bn_a.running_mean.abs().sum() > 0
+
+
+def test_3d_without_mask_and_eval_mode():
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(16, 8, n_keys=16, heads=2, knn=4, k_dim=16)
+    x = torch.randn(3, 4, 16)
+    res = mem(x)
+    assert res.output.shape == (3, 4, 8)
+    assert res.indices.shape == (12, 2, 4) and res.indices.dtype == torch.int64
+    torch.testing.assert_close(res.weights.sum(-1), torch.ones(12, 2))
+    mem.eval()
+    a, b = mem(x).output, mem(x).output
+    assert torch.equal(a, b)
+
+
+def test_bf16_autocast_runs_and_keeps_fp32_table():
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(32, 16, n_keys=16, heads=2, knn=4, k_dim=16)
+    x = torch.randn(2, 6, 32)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = mem(x, mask)
+        loss = res.output.float().pow(2).sum()
+    loss.backward()
+    assert res.output.dtype == torch.bfloat16
+    assert res.weights.dtype == torch.bfloat16
+    assert mem.values.weight.dtype == torch.float32
+    assert mem.values.sparse_grad.values.dtype == torch.float32
+    assert mem.keys.grad is not None and mem.keys.grad.dtype == torch.float32
+    assert torch.isfinite(mem.query_proj.weight.grad).all()
+
+
+def test_zero_init_values_give_zero_output():
+    mem = ProductKeyMemory(8, 8, n_keys=8, heads=1, knn=2, k_dim=8, value_init="zeros")
+    out = mem(torch.randn(5, 8)).output
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_external_values_not_registered():
+    from pkm.values import ValueTable
+
+    mem = ProductKeyMemory(8, 6, n_keys=8, heads=1, knn=2, k_dim=8)
+    table = ValueTable(64, 6, init="zeros")
+    mem.use_external_values(table)
+    assert mem.value_table is table
+    assert not any(k.startswith("values.") for k in mem.state_dict())
+    assert all(m is not table for m in mem.modules())
+    assert torch.equal(mem(torch.randn(3, 8)).output, torch.zeros(3, 6))
+    with pytest.raises(ValueError):
+        mem.use_external_values(ValueTable(63, 6))
+
+
+def test_bad_input_raises_value_error():
+    with pytest.raises(ValueError):
+        ProductKeyMemory(8, 8, n_keys=4, knn=8)
+    with pytest.raises(ValueError):
+        ProductKeyMemory(8, 8, k_dim=7)
+    mem = ProductKeyMemory(8, 8, n_keys=8, heads=1, knn=2, k_dim=8)
+    with pytest.raises(ValueError):
+        mem(torch.randn(3, 9))
+    with pytest.raises(ValueError):
+        mem(torch.randn(2, 3, 8), torch.ones(2, 4))
