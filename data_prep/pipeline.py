@@ -83,22 +83,20 @@ def _is_validation(doc_ids: np.ndarray, seed: int, fraction: float) -> np.ndarra
 
 # ---------------------------------------------------------------- workers
 
-_worker_tok = None
-_worker_dtype = None
+_worker_encoder: tokenization.DocumentEncoder | None = None
 
 
 def _init_worker(tokenizer_json: str, dtype: str) -> None:
-    global _worker_tok, _worker_dtype
+    global _worker_encoder
     # One Rust thread per worker process: the process count is the parallelism the user asked for.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
-    _worker_tok = tokenization._plain(Tokenizer.from_str(tokenizer_json))
-    _worker_dtype = np.dtype(dtype)
+    _worker_encoder = tokenization.DocumentEncoder(tokenization._plain(Tokenizer.from_str(tokenizer_json)), np.dtype(dtype))
 
 
 def _encode_chunk(docs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     texts = [cleaning.wikitext_to_text(text) if kind == "wikitext" else text for kind, text in docs]
-    return tokenization.encode_documents(_worker_tok, texts, _worker_dtype)
+    return _worker_encoder.encode(texts)
 
 
 class _InProcess:
@@ -205,8 +203,8 @@ def prepare(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
 
 
 def _init_worker_inprocess(tok, dtype) -> None:
-    global _worker_tok, _worker_dtype
-    _worker_tok, _worker_dtype = tok, dtype
+    global _worker_encoder
+    _worker_encoder = tokenization.DocumentEncoder(tok, dtype)
 
 
 def _new_stats() -> dict:

@@ -11,7 +11,7 @@ Public API::
     train_tokenizer(texts, kind, vocab_size, lowercase) -> tokenizers.Tokenizer   # kind: "wordpiece" | "sentencepiece"
     save_tokenizer(tok, out_folder, source_folder=None) -> Path   # writes tokenizer.json (+ HF config files)
     tokenizer_identity(tok, tokenizer_json_path, source) -> dict  # goes into manifest.json
-    encode_documents(tok, texts, dtype) -> (lengths int64[n], tokens dtype[sum])
+    DocumentEncoder(tok, dtype).encode(texts) -> (lengths int64[n], tokens dtype[sum])   # exact, fast path for BERT
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -159,12 +160,66 @@ def tokenizer_identity(tok: Tokenizer, tokenizer_json: str | os.PathLike, source
     return identity
 
 
+class DocumentEncoder:
+    """Token ids of documents, exactly ``tok.encode(doc, add_special_tokens=False).ids``, faster for BERT.
+
+    For BERT-style tokenizers (BertNormalizer + BertPreTokenizer) the Rust normalizer is about a third of
+    the tokenizing time, yet on ASCII text it only deletes control characters, maps \\t\\n\\r to spaces
+    and (uncased) lowercases. ASCII lines therefore go through ``str.translate`` with a table built by
+    asking the tokenizer's own normalizer about each ASCII character (exact by construction), then
+    through a copy of the tokenizer without normalizer. This is exact because BertPreTokenizer splits
+    on whitespace, so a newline is always a token boundary and lines can be encoded separately; lines
+    with other characters, or containing an added token's text, take the full tokenizer.
+    """
+
+    def __init__(self, tok: Tokenizer, dtype: np.dtype):
+        self.tok, self.dtype = tok, np.dtype(dtype)
+        self._encode = getattr(tok, "encode_batch_fast", tok.encode_batch)   # _fast skips char offsets we never use
+        self.fast = None
+        config = json.loads(tok.to_str())
+        norm, pre = config.get("normalizer") or {}, config.get("pre_tokenizer") or {}
+        if norm.get("type") == "BertNormalizer" and pre.get("type") == "BertPreTokenizer":
+            fast = Tokenizer.from_str(tok.to_str())
+            fast.normalizer = None
+            self.fast = _plain(fast)
+            self._fast_encode = getattr(fast, "encode_batch_fast", fast.encode_batch)
+            self._table = str.maketrans({chr(c): tok.normalizer.normalize_str(chr(c)) for c in range(128)})
+            added = [t["content"] for t in config.get("added_tokens", [])]
+            self._added = re.compile("|".join(map(re.escape, added)), re.I) if added else None
+
+    def _is_fast(self, text: str) -> bool:
+        return text.isascii() and not (self._added is not None and self._added.search(text))
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-document lengths (int64) and the concatenated token ids (``dtype``)."""
+        if not texts:
+            return np.zeros(0, np.int64), np.zeros(0, self.dtype)
+        if self.fast is None:
+            return _flatten([e.ids for e in self._encode(texts, add_special_tokens=False)], [1] * len(texts), self.dtype)
+        fast_texts, slow_texts, route, pieces_per_doc = [], [], [], []
+        for text in texts:
+            parts = [text] if text.isascii() or "\n" not in text else text.split("\n")
+            for part in parts:
+                if self._is_fast(part):
+                    route.append((True, len(fast_texts)))
+                    fast_texts.append(part.translate(self._table))
+                else:
+                    route.append((False, len(slow_texts)))
+                    slow_texts.append(part)
+            pieces_per_doc.append(len(parts))
+        fast_ids = [e.ids for e in self._fast_encode(fast_texts, add_special_tokens=False)] if fast_texts else []
+        slow_ids = [e.ids for e in self._encode(slow_texts, add_special_tokens=False)] if slow_texts else []
+        return _flatten([fast_ids[i] if is_fast else slow_ids[i] for is_fast, i in route], pieces_per_doc, self.dtype)
+
+
+def _flatten(pieces: list[list[int]], pieces_per_doc: list[int], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    piece_lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    starts = np.concatenate([[0], np.cumsum(pieces_per_doc)[:-1]]).astype(np.int64)
+    lengths = np.add.reduceat(piece_lengths, starts) if len(piece_lengths) else np.zeros(0, np.int64)
+    tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=dtype, count=int(piece_lengths.sum()))
+    return lengths, tokens
+
+
 def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (no special tokens) of each text, concatenated, plus per-text lengths."""
-    if not texts:
-        return np.zeros(0, np.int64), np.zeros(0, dtype)
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)   # _fast skips char offsets we never use
-    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-    return lengths, tokens
+    return DocumentEncoder(tok, dtype).encode(texts)

@@ -133,8 +133,13 @@ class Optimizers:
 
 def build_optimizers(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: int) -> Optimizers:
     tables = value_tables(model)
-    table_ids = {id(t.weight) for t in tables}
-    groups = dense_param_groups(model, cfg.weight_decay, table_ids)
+    if tables:
+        # The model's own grouping: also keeps weight decay off the memory keys and query net.
+        import pkm.modeling
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+                  for g in pkm.modeling.parameter_groups(model, cfg.weight_decay)]
+    else:
+        groups = dense_param_groups(model, cfg.weight_decay, set())
     dense = torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.adam_eps)
     warmup = int(cfg.warmup_ratio * total_steps)
     schedule = linear_warmup_decay(total_steps, warmup)

@@ -21,6 +21,10 @@ needs it) the same number of times and in the same order, also a rank with zero 
 the local table's (``weighted_bag``, ``weighted_bag_weights_grad``, ``row_sparse_grad`` from
 ``pkm.values``); the same code runs on gloo (CPU tensors) and NCCL (CUDA tensors): only
 ``all_gather_single``/``all_gather_into_tensor`` and ``all_to_all_single`` with split sizes are used.
+Give the tables a group of their own (``dist.new_group(ranks)``, even when the ranks are the whole
+world): the engine's gradient reductions run on WORLD from backward hooks, and a separate
+communicator keeps the two streams of collectives from interleaving differently on different ranks.
+With P = 1 no collective is issued at all and the table behaves exactly like the local one.
 
 Gradient scale versus data-parallel dense parameters
 ----------------------------------------------------
@@ -140,7 +144,7 @@ class ShardedValueTable(ValueTable):
     ``sparse_grad`` is the row-sparse grad of that shard, summed over all ranks' tokens and multiplied
     by ``grad_scale`` (1/P for ``grad_reduction="mean"``, 1 for ``"sum"``). ``forward`` returns the
     calling rank's own tokens at full width ``dim``. ``grad_sq_norm`` is local to the shard: the
-    global squared norm is the sum over the group (an all-reduce the caller does, e.g. for clipping).
+    global squared norm is the sum over the group (``values_grad_sq_norm`` does that all-reduce).
 
     ``init="normal"`` draws each column from its own generator seeded by (seed, column), so the full
     table is the same for every P (a 2-rank and a 3-rank run start from identical values).
@@ -272,6 +276,8 @@ class ShardedValueTable(ValueTable):
             return indices, weights
         P, k = self.world_size, indices.shape[1]
         t_max = max(counts)
+        if self.num_rows <= torch.iinfo(torch.int32).max:
+            indices = indices.to(torch.int32)  # a third less traffic than int64 ids; widened below
         # all_gather needs equal sizes: pad to the longest rank, then drop the padding
         pad = t_max - indices.shape[0]
         idx = torch.nn.functional.pad(indices, (0, 0, 0, pad)) if pad else indices  # [t_max, K]
@@ -281,6 +287,7 @@ class ShardedValueTable(ValueTable):
         _all_gather_flat(all_idx, idx.contiguous(), self.group)
         _all_gather_flat(all_w, w.contiguous(), self.group)
         self.comm_bytes["forward"] += (P - 1) * t_max * k * (idx.element_size() + w.element_size())
+        all_idx = all_idx.to(torch.int64)
         if min(counts) == t_max:
             return all_idx, all_w
         keep = torch.cat([torch.arange(c, device=idx.device) + p * t_max for p, c in enumerate(counts)])

@@ -31,6 +31,8 @@ __all__ = [
     "merge_sparse_grads",
     "ValueLookup",
     "GradWorkspace",
+    "LookupOrder",
+    "sort_lookups",
 ]
 
 _MODE_SUM = 0  # embedding_bag mode id for "sum"
@@ -62,29 +64,53 @@ def weighted_bag(weight: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
     return out.to(weights.dtype)
 
 
-def _offset2bag(num_bags: int, bag_size: int, device: torch.device) -> torch.Tensor:
-    # [T * K]: lookup j belongs to bag j // K (every bag has exactly K lookups)
-    return torch.arange(num_bags, device=device).repeat_interleave(bag_size)
+class LookupOrder(NamedTuple):
+    """The lookups of an [T, K] index tensor grouped by row (one sort, shared by the backward)."""
+
+    sorted_rows: torch.Tensor  # [T*K] row of each lookup, ascending
+    perm: torch.Tensor  # [T*K] flat position (t * K + k) of each sorted lookup
+    tokens: torch.Tensor  # [T*K] token (bag) t of each sorted lookup
+    rows: torch.Tensor  # [U] distinct rows, ascending
+    offsets: torch.Tensor  # [U] start of each row's group in the sorted lookups
+
+
+def sort_lookups(indices: torch.Tensor) -> LookupOrder:
+    """Group the lookups of indices [T, K] by row."""
+    bag_size = indices.shape[1]
+    sorted_rows, perm = torch.sort(indices.reshape(-1))  # [T*K] each
+    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)  # [U], [U]
+    offsets = torch.cumsum(counts, 0) - counts  # [U]
+    tokens = torch.div(perm, bag_size, rounding_mode="floor")  # [T*K]
+    return LookupOrder(sorted_rows, perm, tokens, rows, offsets)
 
 
 def weighted_bag_weights_grad(
-    weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    grad_out: torch.Tensor,
+    order: LookupOrder | None = None,
 ) -> torch.Tensor:
     """d out / d weights: g[t, k] = <grad_out[t], weight[indices[t, k]]>  ->  [T, K] fp32.
 
     Uses ATen's fused per-sample-weights backward of embedding_bag (one dot per lookup reading the
-    row in place), so the [T, K, cols] gather is not materialised.
+    row in place), so the [T, K, cols] gather is not materialised. The dots are taken in row-sorted
+    order (``order``, computed if not given): repeated rows are then read back to back from cache and
+    the table is walked in ascending address order (~2.5x less time than token order at 512^2 rows),
+    while the grad_out rows, [T, cols], are small enough to stay in cache.
     """
     num_bags, bag_size = indices.shape
-    flat = indices.reshape(-1)  # [T*K]
     grad32 = grad_out.to(weight.dtype).contiguous()  # [T, cols]
     op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
-    if op is not None and num_bags > 0:
-        offsets = torch.arange(0, flat.numel(), bag_size, device=flat.device)  # [T]
-        g = op(grad32, weight, flat, offsets, _offset2bag(num_bags, bag_size, flat.device), _MODE_SUM)
-        return g.view(num_bags, bag_size)
-    # Portable fallback: gather-dot (materialises [T, K, cols]; only used if the op is missing).
-    return torch.einsum("tkc,tc->tk", weight[indices], grad32)
+    if op is None or num_bags == 0:
+        # Portable fallback: gather-dot (materialises [T, K, cols]; only used if the op is missing).
+        return torch.einsum("tkc,tc->tk", weight[indices], grad32)
+    if order is None:
+        order = sort_lookups(indices)
+    offsets = torch.arange(0, num_bags * bag_size, bag_size, device=indices.device)  # [T] (unused by sum)
+    g_sorted = op(grad32, weight, order.sorted_rows, offsets, order.tokens, _MODE_SUM)  # [T*K]
+    g = torch.empty_like(g_sorted)
+    g[order.perm] = g_sorted  # back to token order
+    return g.view(num_bags, bag_size)
 
 
 class GradWorkspace:
@@ -118,25 +144,24 @@ def row_sparse_grad(
     weights: torch.Tensor,
     grad_out: torch.Tensor,
     workspace: GradWorkspace | None = None,
+    order: LookupOrder | None = None,
 ) -> SparseGrad:
     """Coalesced value gradient: for each distinct row r, sum over lookups (t, k) with
     indices[t, k] == r of weights[t, k] * grad_out[t].  ->  SparseGrad with [U] rows, [U, cols] fp32.
 
-    One sort groups the lookups by row; the per-row sums are then a weighted embedding bag over
-    grad_out (bags = distinct rows), so no [T*K, cols] intermediate is built and duplicates (within a
-    token or across tokens) are summed. With a ``workspace`` on CPU the result is written chunk by
-    chunk into the reused buffer (its ``values`` then alias the workspace until the next backward).
+    One sort (``order``, computed if not given) groups the lookups by row; the per-row sums are
+    then a weighted embedding bag over grad_out (bags = distinct rows), so no [T*K, cols]
+    intermediate is built and duplicates (within a token or across tokens) are summed. With a
+    ``workspace`` on CPU the result is written chunk by chunk into the reused buffer (its ``values``
+    then alias the workspace until the next backward).
     """
-    num_bags, bag_size = indices.shape
-    flat = indices.reshape(-1)  # [T*K]
-    sorted_rows, perm = torch.sort(flat)  # [T*K] each
-    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)  # [U], [U]
-    offsets = torch.cumsum(counts, 0) - counts  # [U] start of each row's group in perm order
-    token_of_lookup = torch.div(perm, bag_size, rounding_mode="floor")  # [T*K]
-    w = weights.reshape(-1).to(torch.float32)[perm]  # [T*K]
+    if order is None:
+        order = sort_lookups(indices)
+    rows, offsets, tokens = order.rows, order.offsets, order.tokens
+    w = weights.reshape(-1).to(torch.float32)[order.perm]  # [T*K] in sorted order
     g = grad_out.to(torch.float32).contiguous()  # [T, cols]
-    if workspace is None or flat.device.type != "cpu":
-        values = F.embedding_bag(token_of_lookup, g, offsets, per_sample_weights=w, mode="sum")  # [U, cols]
+    if workspace is None or g.device.type != "cpu":
+        values = F.embedding_bag(tokens, g, offsets, per_sample_weights=w, mode="sum")  # [U, cols]
         return SparseGrad(rows, values)
 
     num_rows, cols = rows.numel(), g.shape[1]
@@ -144,12 +169,12 @@ def row_sparse_grad(
     chunk = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     starts = list(range(0, num_rows, chunk))
     # lookup range of each row chunk, read once (CPU: no device sync)
-    bounds = torch.cat([offsets[starts], offsets.new_tensor([flat.numel()])]).tolist()
+    bounds = torch.cat([offsets[starts], offsets.new_tensor([tokens.numel()])]).tolist()
     for i, r0 in enumerate(starts):
         r1 = min(r0 + chunk, num_rows)
         l0, l1 = bounds[i], bounds[i + 1]
         values[r0:r1] = F.embedding_bag(
-            token_of_lookup[l0:l1], g, offsets[r0:r1] - l0, per_sample_weights=w[l0:l1], mode="sum"
+            tokens[l0:l1], g, offsets[r0:r1] - l0, per_sample_weights=w[l0:l1], mode="sum"
         )  # [r1 - r0, cols]
     return SparseGrad(rows, values)
 
@@ -190,10 +215,11 @@ class ValueLookup(torch.autograd.Function):
         weight = table.weight.detach()
         # reuse the table's buffer only when nothing accumulated is still living in it
         workspace = table._grad_workspace if table.sparse_grad is None else None
-        table.accumulate_grad_(row_sparse_grad(indices, weights, grad_out, workspace))
+        order = sort_lookups(indices)  # one sort serves both gradients
         grad_weights = None
         if ctx.needs_input_grad[0]:
-            grad_weights = weighted_bag_weights_grad(weight, indices, grad_out).to(weights.dtype)
+            grad_weights = weighted_bag_weights_grad(weight, indices, grad_out, order).to(weights.dtype)
+        table.accumulate_grad_(row_sparse_grad(indices, weights, grad_out, workspace, order))
         return grad_weights, None, None, None
 
 

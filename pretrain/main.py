@@ -372,7 +372,15 @@ def run(prep: PreparedRun):
     from pkm.sharded_values import shard_memory_values
     from pkm.sparse_adam import SparseAdam
     from pretrain.logging_utils import get_logger
-    from pretrain.trainer import Trainer, TrainStream, ValidationData, fp32_batchnorm_adapter, lr_lambda, seed_everything
+    from pretrain.trainer import (
+        Trainer,
+        TrainStream,
+        ValidationData,
+        fp32_batchnorm_adapter,
+        lr_lambda,
+        memory_output_namedtuple_adapter,
+        seed_everything,
+    )
 
     cfg, ds = prep.cfg, prep.ds_config
     logger = get_logger(prep.rank)
@@ -389,6 +397,7 @@ def run(prep: PreparedRun):
         with open(os.path.join(cfg.train.out_dir, "ds_config.json"), "w", encoding="utf-8") as f:
             json.dump(ds, f, indent=2)
 
+    memory_output_namedtuple_adapter()  # local adapter until pkm.memory.MemoryOutput is a tuple (ZeRO-3)
     model, summary = build_model(prep)
     logger.info(f"model: {summary}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M dense parameters "
                 f"before sharding; world {world} ({accel.device_name()}, {dist.get_backend()})")

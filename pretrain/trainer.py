@@ -30,7 +30,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from pretrain.evaluate import ValidationData, evaluate_mlm
 from pretrain.logging_utils import MetricsLogger, get_logger
 
 __all__ = ["lr_lambda", "Trainer", "TrainResult", "TrainStream", "ValidationData", "seed_everything",
-           "fp32_batchnorm_adapter"]
+           "fp32_batchnorm_adapter", "memory_output_namedtuple_adapter"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,6 +119,28 @@ def fp32_batchnorm_adapter(module: torch.nn.Module) -> int:
     return n
 
 
+def memory_output_namedtuple_adapter() -> bool:
+    """ZeRO-3 finds the tensors a module returns only inside tensors, tuples (named ones too), lists
+    and dicts; ``pkm.memory.MemoryOutput`` is a dataclass, so its pre-backward hook never fires,
+    the memory's parameters stay released (size 0) in backward and backward fails. Swap in a
+    NamedTuple with the same fields (same attribute access, same keyword construction). Returns
+    True if it patched; a no-op once pkm/memory.py defines MemoryOutput as a tuple."""
+    import pkm.memory
+    import pkm.modeling
+
+    if issubclass(pkm.memory.MemoryOutput, tuple):
+        return False
+
+    class MemoryOutput(NamedTuple):
+        output: Optional[torch.Tensor]  # [*, output_dim] (None in last_memory_outputs)
+        indices: torch.Tensor  # [T, heads, knn]
+        weights: torch.Tensor  # [T, heads, knn]
+
+    pkm.memory.MemoryOutput = MemoryOutput  # the memory's forward builds it by this global name
+    pkm.modeling.MemoryOutput = MemoryOutput  # so does the model for last_memory_outputs
+    return True
+
+
 # --------------------------------------------------------------------------------------------------
 # Training data: an endless, resumable stream of micro-batches for this rank
 # --------------------------------------------------------------------------------------------------
@@ -153,6 +175,9 @@ class TrainStream:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.micro_batch, sampler=sampler, collate_fn=self.dataset.collate,
             num_workers=self.num_workers, persistent_workers=False,
+            # its own generator: creating an iterator draws a base seed, which from the global RNG
+            # would shift the dropout stream of a resumed run (the loader is rebuilt on resume)
+            generator=torch.Generator().manual_seed(self.seed),
         )
         self._iter = iter(loader)
 
@@ -254,7 +279,8 @@ class Trainer:
         self.ds_config = ds_config
         self.rank = rank
         self.world_size = world_size
-        self.group = group
+        # an explicit group object: pkm.usage treats process_group=None as "no reduction"
+        self.group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
         self.model_config = model_config
         self.tokenizer_dir = tokenizer_dir
         self.device = engine.device

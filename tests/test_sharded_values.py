@@ -213,7 +213,9 @@ def _scenario_mean(group, counts, data) -> dict:
     P, r = dist.get_world_size(group), dist.get_rank(group)
     sl = _slices(counts)[r]
     mem = _memory(data["state"])
-    table = shard_memory_values([("mem", mem)], group=group)["mem"]  # default: "mean"
+    tables = shard_memory_values(torch.nn.ModuleDict({"pkm": mem}), group=group)  # default: "mean"
+    assert list(tables) == ["pkm"] and mem.value_table is tables["pkm"]
+    table = tables["pkm"]
     dense = torch.optim.SGD([p for _, p in _dense_params(mem)], lr=DENSE_LR)
     opt = SparseAdam([table], **ADAM)
     value_grads = []

@@ -41,13 +41,14 @@ def test_untouched_rows_and_moments_bitwise_unchanged():
     assert state["row_step"][[3, 7, 25, 30]].tolist() == [2.0, 2.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_equals_torch_adam_when_all_rows_touched(weight_decay):
+@pytest.mark.parametrize("weight_decay,chunk_elements", [(0.0, 1 << 18), (0.1, 1 << 18), (0.0, 7)])
+def test_equals_torch_adam_when_all_rows_touched(weight_decay, chunk_elements):
     torch.manual_seed(0)
     rows, dim, tokens = 12, 5, 6
     table = ValueTable(rows, dim)
     ref = table.weight.detach().clone().requires_grad_(True)
     opt = SparseAdam([table], lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=weight_decay)
+    opt.chunk_elements = chunk_elements  # 7: several row chunks per step (the large-table CPU path)
     ref_cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
     ref_opt = ref_cls([ref], lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=weight_decay)
     for _ in range(6):

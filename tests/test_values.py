@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import pkm.values
+
 from pkm.values import SparseGrad, ValueTable, merge_sparse_grads, row_sparse_grad
 
 
@@ -22,8 +24,11 @@ def to_dense(grad: SparseGrad, num_rows: int) -> torch.Tensor:
     return dense
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lookup_and_grads_match_dense(dtype):
+@pytest.mark.parametrize("dtype,chunk_elements", [(torch.float32, 1 << 20), (torch.float64, 1 << 20),
+                                                  (torch.float32, 15)])
+def test_lookup_and_grads_match_dense(dtype, chunk_elements, monkeypatch):
+    # chunk_elements 15: the CPU workspace fill runs in many row chunks (the large-table path)
+    monkeypatch.setattr(pkm.values, "_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(0)
     table = ValueTable(50, 7, dtype=dtype)
     indices = torch.randint(0, 50, (9, 6))
@@ -125,3 +130,20 @@ def test_merge_and_row_sparse_grad_helpers():
     assert m.values.flatten().tolist() == [3.0, 1.0, 6.0, 5.0]
     g = row_sparse_grad(torch.tensor([[3, 3]]), torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, -1.0]]))
     assert g.rows.tolist() == [3] and g.values.tolist() == [[3.0, -3.0]]
+
+
+def test_workspace_reused_across_steps_and_not_clobbered_by_accumulation():
+    torch.manual_seed(0)
+    table = ValueTable(30, 4)
+    i1, i2 = torch.randint(0, 30, (6, 3)), torch.randint(0, 30, (6, 3))
+    w = torch.rand(6, 3)
+    p1, p2 = torch.randn(6, 4), torch.randn(6, 4)
+    (table(i1, w) * p1).sum().backward()
+    ptr = table.sparse_grad.values.data_ptr()
+    table.zero_grad()
+    (table(i1, w) * p1).sum().backward()
+    assert table.sparse_grad.values.data_ptr() == ptr  # reused buffer
+    (table(i2, w) * p2).sum().backward()  # accumulation must not overwrite the first grad
+    _, g1, _ = dense_reference(table.weight, i1, w, p1)
+    _, g2, _ = dense_reference(table.weight, i2, w, p2)
+    torch.testing.assert_close(to_dense(table.sparse_grad, 30), g1 + g2)
