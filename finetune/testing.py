@@ -42,7 +42,7 @@ def make_tokenizer(texts: Iterable[str], max_positions: int = 512):
 
 def make_tiny_bert(folder: str, texts: Iterable[str], hidden_size: int = 32, layers: int = 2,
                    heads: int = 2, max_positions: int = 512, seed: int = 0,
-                   dropout: float = 0.1) -> str:
+                   dropout: float = 0.1, initializer_range: float = 0.02) -> str:
     """Save a random-init tiny BertForMaskedLM + fast WordPiece tokenizer into folder."""
     import torch
     from transformers import BertConfig, BertForMaskedLM
@@ -54,7 +54,7 @@ def make_tiny_bert(folder: str, texts: Iterable[str], hidden_size: int = 32, lay
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=4 * hidden_size,
                         max_position_embeddings=max_positions, hidden_dropout_prob=dropout,
-                        attention_probs_dropout_prob=dropout)
+                        attention_probs_dropout_prob=dropout, initializer_range=initializer_range)
     BertForMaskedLM(config).save_pretrained(folder)
     return folder
 

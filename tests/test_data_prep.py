@@ -141,7 +141,7 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[Path | str, str, dict]]:
     binary = tmp / "blob.txt"
     binary.write_bytes(bytes(range(256)) * 64)
     truncated = tmp / "wiki-truncated.xml.bz2"
-    truncated.write_bytes(Path(WIKI).read_bytes()[:150_000])
+    truncated.write_bytes(Path(WIKI).read_bytes()[:300_000])
     bad_json = tmp / "bad.jsonl"
     bad_json.write_text('{"text": "fine"}\n{"text": broken\n{"body": "no text field"}\n', encoding="utf-8")
     return {

