@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,7 @@ def run_measured(code: str, env: dict | None = None) -> tuple[float, float, floa
 
 
 def bench_data_prep(corpus: Path, out: Path, workers: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)   # a finished folder would be returned without work
     code = (f"from data_prep import prepare\n"
             f"m = prepare({str(corpus)!r}, {str(out)!r}, tokenizer={MINILM!r}, workers={workers}, progress=False, overwrite=True)\n"
             f"import json; print(json.dumps({{s: [d['num_docs'], d['num_tokens']] for s, d in m['splits'].items()}}))")
@@ -92,6 +94,7 @@ def bench_data_prep(corpus: Path, out: Path, workers: int) -> dict:
 
 
 def bench_datasets(corpus: Path, cache: Path, workers: int) -> dict:
+    shutil.rmtree(cache, ignore_errors=True)   # no Arrow cache from an earlier run
     code = f"""
 import json
 from datasets import load_dataset
@@ -101,7 +104,7 @@ ds = load_dataset("json", data_files={str(corpus)!r}, split="train", cache_dir={
 def encode(batch):
     return {{"input_ids": tok(batch["text"], add_special_tokens=False, return_attention_mask=False,
                               return_token_type_ids=False)["input_ids"]}}
-ds = ds.map(encode, batched=True, batch_size=64, num_proc={workers}, remove_columns=["text"])
+ds = ds.map(encode, batched=True, batch_size=64, num_proc={workers}, remove_columns=["text"], load_from_cache_file=False)
 print(json.dumps([len(ds), sum(len(x) for x in ds.with_format("numpy")["input_ids"])]))
 """
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -158,6 +161,14 @@ def main() -> None:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_data_prep_"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        run(args, work)
+    finally:
+        if args.work_dir is None:   # a given work dir is kept: it caches the cleaned corpus
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     corpus, num_docs = build_corpus(work, args.target_mb)
     mb = corpus.stat().st_size / 1e6
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")

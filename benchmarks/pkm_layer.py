@@ -10,7 +10,7 @@ Prints, in one run:
    beside a dense torch.optim.Adam step over the whole table.
 
 Usage: python benchmarks/pkm_layer.py [--iters 5] [--tokens 4096] [--dim 768] [--opt-dim 768]
-       [--skip-layer] [--skip-opt] [--profile]
+       [--threads N] [--skip-layer] [--skip-opt] [--profile]
 """
 
 from __future__ import annotations
@@ -160,8 +160,11 @@ def main() -> None:
     ap.add_argument("--touched-rows", type=int, default=16384)
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-opt", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one PKM step")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, nproc {os.cpu_count()}, "
           f"{platform.processor() or platform.machine()}")
     if not args.skip_layer:

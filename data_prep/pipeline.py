@@ -159,7 +159,8 @@ def prepare(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     out.mkdir(parents=True, exist_ok=True)
     config = {
         "format_version": FORMAT_VERSION,
-        "inputs": [[os.path.abspath(p), fmt, os.path.getsize(p)] for p, fmt in files],
+        # size + mtime: a changed input must not be resumed into shards made from the old one
+        "inputs": [[os.path.abspath(p), fmt, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p, fmt in files],
         "missing_inputs": missing,
         "text_field": text_field,
         "tokenizer": ({"source": os.path.abspath(tokenizer)} if tokenizer is not None
@@ -313,7 +314,7 @@ class _Runner:
                  seed: int, on_error: str):
         self.out, self.state, self.vocab_size = out, state, vocab_size
         self.shard_tokens, self.valid_fraction, self.seed, self.on_error = shard_tokens, valid_fraction, seed, on_error
-        self.start = state["next_doc"]
+        self.start = self.seen = state["next_doc"]   # seen: one past the last doc id consumed
         self.stats = copy.deepcopy(state["stats"])
         self.writers: dict[str, ShardWriter | None] = {s: None for s in SPLITS}
 
@@ -370,6 +371,7 @@ class _Runner:
                 self._close_all(int(doc_ids[keep[end - 1]]) + 1, snapshot)
             pos = end
         self._count(self.stats, chunk_ids, skips, upto=None)
+        self.seen = chunk_ids[-1] + 1
         return int(lengths.sum())
 
     def _count(self, stats: dict, chunk_ids: list[int], skips: list, upto: int | None) -> None:
@@ -404,7 +406,8 @@ class _Runner:
                 self.writers[split] = None
 
     def finish(self, identity: dict, config: dict, missing: list[str], dtype: np.dtype) -> dict:
-        self._close_all(self.state["next_doc"], copy.deepcopy(self.stats))
+        # Recorded as fully consumed, so a crash before manifest.json is written resumes with no work.
+        self._close_all(self.seen, copy.deepcopy(self.stats))
         stats = self.stats
         stats["skipped"] = dict(sorted(stats["skipped"].items()))
         if missing:

@@ -27,6 +27,7 @@ import io
 import json
 import os
 import xml.etree.ElementTree as ET
+import zlib
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
@@ -128,7 +129,7 @@ def iter_documents(files: Sequence[tuple[str, str]], text_field: str = "text", m
         except EOFError:
             yield Skip(path, 0, "truncated_file", f"{path} ends in the middle of its compressed stream (truncated download?) after "
                                                   f"{ordinal} documents; fetch the file again, or pass --on-error skip to keep the documents before the cut")
-        except (OSError, ET.ParseError) as err:
+        except (OSError, zlib.error, ET.ParseError) as err:
             yield Skip(path, 0, "corrupt_file", f"{path} cannot be read as {fmt} ({err}) after {ordinal} documents; "
                                                 "check the file, or pass --on-error skip to keep the documents before the problem")
 

@@ -71,6 +71,9 @@ class FinetuneConfig:
                              f"got {self.value_lr_schedule!r}.")
         if self.value_lr is not None and self.value_lr <= 0:
             raise ValueError(f"value_lr must be positive, got {self.value_lr}.")
+        if not get_task(self.task).is_glue:
+            from finetune.squad_features import check_lengths
+            check_lengths(self.max_seq_length, self.max_query_length, self.doc_stride)
 
     @property
     def resolved_value_lr(self) -> float:

@@ -153,9 +153,16 @@ def _run_in_process(cfg: FinetuneConfig) -> None:
     finetune(cfg)
 
 
-def _run_subprocess(cfg: FinetuneConfig, device_id: str) -> None:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=device_id)
-    cfg = dataclasses.replace(cfg, device="cuda", progress=False)
+def _run_subprocess(cfg: FinetuneConfig, device_id: str, cpu_slots: int = 1) -> None:
+    """One run in its own process, pinned to one GPU ("cpu": a CPU process, for tests)."""
+    env = dict(os.environ)
+    if device_id == "cpu":
+        cfg = dataclasses.replace(cfg, device="cpu", progress=False)
+        # CPU processes side by side: split the cores instead of oversubscribing them.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, cpu_slots))))
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = device_id
+        cfg = dataclasses.replace(cfg, device="cuda", progress=False)
     os.makedirs(cfg.output, exist_ok=True)
     with open(os.path.join(cfg.output, "log.txt"), "w", encoding="utf-8") as logf:
         proc = subprocess.run([sys.executable, "-m", "finetune", *config_to_cli(cfg)], env=env,
@@ -248,7 +255,7 @@ def run_sweep(model: str, output: str, tasks: list[str] | str, lrs: list[float] 
             if device_id is None:
                 _run_in_process(configs[r])
             else:
-                _run_subprocess(configs[r], device_id)
+                _run_subprocess(configs[r], device_id, device_ids.count("cpu"))
             outcome.completed.append(r)
         except Exception as e:  # noqa: BLE001  (one failed run must not stop the grid)
             log.error("run %s failed: %s", r.rel_dir, e)
@@ -274,8 +281,15 @@ def run_sweep(model: str, output: str, tasks: list[str] | str, lrs: list[float] 
         with ThreadPoolExecutor(max_workers=len(device_ids)) as pool:
             list(pool.map(on_device, todo))
     else:
-        for r in todo:
-            attempt(r, None)
+        from transformers.utils import logging as hf_logging
+        verbosity = hf_logging.get_verbosity()
+        # Each run would print the same "newly initialised head" load report: keep the log readable.
+        hf_logging.set_verbosity_error()
+        try:
+            for r in todo:
+                attempt(r, None)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     bar.close()
 
     outcome.table, outcome.glue_average = write_results(output, runs)
@@ -393,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-runs", "--max_runs", dest="max_runs", type=int,
                         help="stop after this many runs; rerun the same command to continue")
     parser.add_argument("--devices", help="CUDA device ids for one process per device, e.g. 0,1,2,3 "
-                        "(default: every GPU when more than one)")
+                        "(default: every GPU when more than one; 'cpu,cpu' runs CPU processes)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     add_config_flags(parser, skip=("task", "lr", "seed"), required=())
     # Only flags given on the command line override the grid file and FinetuneConfig defaults.

@@ -4,6 +4,11 @@ Per token x: q = Norm(W x + b) split into H heads of k_dim; each head's query is
 scored against two sub-key sets of size n (N = n^2 slots); top-k per half; the k x k candidate sums;
 final top-k; softmax; output = sum over heads and the k chosen slots of w * V[slot]. All heads share
 one value table and go through ONE lookup call with indices [T, H*k].
+
+Speed (CPU, see BENCHMARKS.md): the selection runs without autograd; of the k x k candidate grid only
+the ~k ln k pairs that can reach the top-k are scored; the k chosen scores are recomputed as
+differentiable gather-dots with the picked sub-keys, so no dense [H*2, T, n] score gradient is built;
+the value lookup is a fused weighted bag with a row-sparse gradient (pkm/values.py).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pkm.values import ValueTable
+from pkm.values import ValueTable, row_sparse_grad, weighted_bag, weighted_bag_weights_grad
 
 __all__ = ["MemoryOutput", "ProductKeyMemory", "product_key_topk"]
 
@@ -57,14 +62,15 @@ def product_key_topk(
     t, h, k_dim = query.shape
     n = keys.shape[2]
     half = k_dim // 2
-    # one batched matmul for both halves of all heads: [H*2, T, half] x [H*2, half, n]
-    q = query.view(t, h * 2, half).transpose(0, 1)  # [H*2, T, half]
-    sub = torch.bmm(q, keys.reshape(h * 2, n, half).transpose(1, 2).to(q.dtype))  # [H*2, T, n]
+    q = query.reshape(t, h * 2, half).transpose(0, 1)  # [H*2, T, half]
+    keys_flat = keys.reshape(h * 2 * n, half)  # [H*2*n, half]: sub-key set s = 2*head + half
     with torch.no_grad():
-        # Selection needs no autograd: only the chosen k scores are differentiated (gathered
-        # below), so neither the [H*2, T, n] top-k nor the [H, T, k*k] candidate grid keeps a
-        # dense gradient buffer alive.
-        sub_scores, sub_idx = sub.detach().topk(knn, dim=-1)  # [H*2, T, knn] each
+        # Selection needs no autograd (only the k chosen scores are differentiated, below), so no
+        # [H*2, T, n] score gradient is ever built.
+        # one batched matmul for both halves of all heads: [H*2, T, half] x [H*2, half, n]
+        sub = torch.bmm(q.detach(), keys.detach().reshape(h * 2, n, half).transpose(1, 2).to(q.dtype))
+        sub_scores, sub_idx = sub.topk(knn, dim=-1)  # [H*2, T, knn] each, sorted descending
+        del sub
         sub_scores = sub_scores.view(h, 2, t, knn)
         sub_idx = sub_idx.view(h, 2, t, knn)
         pa, pb = _candidate_pairs(knn, query.device)  # [P] each, P ~ knn * ln(knn) (119 for k=32)
@@ -75,12 +81,46 @@ def product_key_topk(
         i1 = sub_idx[:, 0].gather(-1, a)  # [H, T, knn] sub-key id in half 1
         i2 = sub_idx[:, 1].gather(-1, b)  # [H, T, knn] sub-key id in half 2
         indices = i1 * n + i2  # [H, T, knn]
-        # for the differentiable gather: sub-key ids of both halves, [H, 2, T, knn] -> [H*2, T, knn]
-        pick = torch.stack([i1, i2], dim=1).view(h * 2, t, knn)
-    # differentiable scores of the chosen slots: s1[i1] + s2[i2], recomputed exactly as in `cand`
-    picked = sub.gather(-1, pick).view(h, 2, t, knn)  # [H, 2, T, knn]
-    scores = picked[:, 0] + picked[:, 1]  # [H, T, knn], sorted descending (same values as cand)
+        # rows of keys_flat picked per (sub-key set, token): [H, 2, T, knn] -> [H*2*T, knn]
+        set_offset = (torch.arange(h * 2, device=query.device) * n).view(h, 2, 1, 1)
+        pick = (torch.stack([i1, i2], dim=1) + set_offset).view(h * 2 * t, knn)
+    # differentiable scores of the chosen slots, <q1, K1[i1]> + <q2, K2[i2]>, as k gather-dots per
+    # (sub-key set, token): gradients touch only the picked sub-keys, never a dense [H*2, T, n] grad
+    dots = _PickedDots.apply(q.reshape(h * 2 * t, half), keys_flat, pick)  # [H*2*T, knn]
+    dots = dots.view(h, 2, t, knn)
+    scores = dots[:, 0] + dots[:, 1]  # [H, T, knn], sorted descending up to rounding
     return scores.transpose(0, 1), indices.transpose(0, 1)  # [T, H, knn]
+
+
+class _PickedDots(torch.autograd.Function):
+    """out[r, j] = <rows[r], table[pick[r, j]]> with gradients for both rows and table.
+
+    The same gather-dot / weighted-bag kernels as the value lookup (computed in fp32), here over the
+    small sub-key table: forward = per-sample-weights grad kernel, d rows = weighted bag of table rows,
+    d table = coalesced weighted bag of rows grouped by picked sub-key (densified: the table is small).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, table: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+        rows32, table32 = rows.float(), table.float()
+        ctx.save_for_backward(rows32, table32, pick)
+        ctx.dtypes = rows.dtype, table.dtype
+        out = weighted_bag_weights_grad(table32, pick, rows32, sort_rows=False)  # [R, knn] fp32
+        return out.to(rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows32, table32, pick = ctx.saved_tensors
+        rows_dtype, table_dtype = ctx.dtypes
+        g = grad_out.float()  # [R, knn]
+        grad_rows = grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = weighted_bag(table32, pick, g).to(rows_dtype)  # [R, half]
+        if ctx.needs_input_grad[1]:
+            sparse = row_sparse_grad(pick, g, rows32)  # [U] sub-keys, [U, half]
+            grad_table = table32.new_zeros(table32.shape).index_copy_(0, sparse.rows, sparse.values)
+            grad_table = grad_table.to(table_dtype)
+        return grad_rows, grad_table, None
 
 
 class ProductKeyMemory(nn.Module):

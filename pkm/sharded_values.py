@@ -40,6 +40,16 @@ all-reduce over the replica group (not done here).  Gradient accumulation (the e
 loss by the number of micro-batches) and an fp16 loss scale act on the value grads exactly as on the
 dense grads, because they flow from the same loss; un-scaling the fp16 loss scale is the trainer's job
 (``scale_grad_``).
+
+Trainer use (every rank, same seed, before any optimizer or the DeepSpeed engine is built, so the
+full local tables are freed and never reach the engine)::
+
+    group = dist.new_group(list(range(dist.get_world_size())))      # the tables' own communicator
+    tables = shard_memory_values(model, group)                       # {module path: shard}, "mean"
+    value_opt = SparseAdam(list(tables.values()), lr=1e-3)
+    ...  engine.backward(loss); engine.step(); value_opt.step()      # value_opt.step zeroes the grads
+    save_value_shards(folder, tables, value_opt)                     # pkm.checkpoint_values
+    load_value_shards(folder, tables, value_opt)                     # any saved P, any current P
 """
 
 from __future__ import annotations
@@ -219,12 +229,14 @@ class ShardedValueTable(ValueTable):
         device: torch.device | str | None = None,
     ) -> "ShardedValueTable":
         """Shard of a full [num_rows, dim] tensor that every rank holds (e.g. a ``ValueTable``'s
-        weight after identical model construction); copies only this rank's columns."""
+        weight after identical model construction); copies only this rank's columns. The shard is
+        not a submodule, so ``model.to()`` does not move it: ``device`` defaults to the current CUDA
+        device on NCCL and to the full tensor's device otherwise."""
         if full_weight.dim() != 2:
             raise ValueError(f"a full value weight must be 2-D [num_rows, dim], got {tuple(full_weight.shape)}.")
         num_rows, dim = full_weight.shape
-        if device is None:
-            device = full_weight.device
+        if device is None and dist.get_backend(group) != "nccl":
+            device = full_weight.device  # NCCL: the constructor picks the current CUDA device
         table = cls(num_rows, dim, group=group, init="zeros", device=device, grad_reduction=grad_reduction)
         with torch.no_grad():
             table.weight.copy_(full_weight[:, table.col_start : table.col_end].to(torch.float32))

@@ -57,7 +57,7 @@ class SparseAdam(torch.optim.Optimizer):
         self.tables = tables
         # CPU: rows are updated in chunks of ~this many elements through reused scratch buffers
         # (cache-sized; fresh [U, cols] temporaries cost more in page faults than the math)
-        self.chunk_elements = 1 << 18
+        self.chunk_elements = 1 << 19
         self._scratch_bufs: dict[str, torch.Tensor] = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__([t.weight for t in tables], defaults)
@@ -108,12 +108,28 @@ class SparseAdam(torch.optim.Optimizer):
         return loss
 
     def _scratch(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        if like.device.type != "cpu":  # CUDA: one chunk per table; the caching allocator recycles
+            return torch.empty(rows, cols, dtype=torch.float32, device=like.device)
         buf = self._scratch_bufs.get(name)
         if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.device != like.device:
             buf = self._scratch_bufs[name] = torch.empty(rows, cols, dtype=torch.float32, device=like.device)
         return buf[:rows]
 
-    def _update_rows(self, weight, exp_avg, exp_avg_sq, rows, g, bias1, bias2_sqrt, lr, beta1, beta2, eps, wd):
+    def _update_rows(
+        self,
+        weight: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        rows: torch.Tensor,
+        g: torch.Tensor,
+        bias1: torch.Tensor,
+        bias2_sqrt: torch.Tensor,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        wd: float,
+    ) -> None:
         """Adam on one chunk of rows: gather -> update in (cache-sized, reused) scratch -> scatter."""
         n, cols = rows.numel(), weight.shape[1]
         m = torch.index_select(exp_avg, 0, rows, out=self._scratch("m", n, cols, weight))  # [C, cols]

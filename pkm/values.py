@@ -89,6 +89,7 @@ def weighted_bag_weights_grad(
     indices: torch.Tensor,
     grad_out: torch.Tensor,
     order: LookupOrder | None = None,
+    sort_rows: bool = True,
 ) -> torch.Tensor:
     """d out / d weights: g[t, k] = <grad_out[t], weight[indices[t, k]]>  ->  [T, K] fp32.
 
@@ -96,7 +97,8 @@ def weighted_bag_weights_grad(
     row in place), so the [T, K, cols] gather is not materialised. The dots are taken in row-sorted
     order (``order``, computed if not given): repeated rows are then read back to back from cache and
     the table is walked in ascending address order (~2.5x less time than token order at 512^2 rows),
-    while the grad_out rows, [T, cols], are small enough to stay in cache.
+    while the grad_out rows, [T, cols], are small enough to stay in cache. ``sort_rows=False`` skips
+    the sort (for a table that fits in cache anyway, e.g. the sub-keys).
     """
     num_bags, bag_size = indices.shape
     grad32 = grad_out.to(weight.dtype).contiguous()  # [T, cols]
@@ -104,9 +106,12 @@ def weighted_bag_weights_grad(
     if op is None or num_bags == 0:
         # Portable fallback: gather-dot (materialises [T, K, cols]; only used if the op is missing).
         return torch.einsum("tkc,tc->tk", weight[indices], grad32)
+    offsets = torch.arange(0, num_bags * bag_size, bag_size, device=indices.device)  # [T] (unused by sum)
+    if order is None and not sort_rows:
+        bag_of = torch.arange(num_bags, device=indices.device).repeat_interleave(bag_size)  # [T*K]
+        return op(grad32, weight, indices.reshape(-1), offsets, bag_of, _MODE_SUM).view(num_bags, bag_size)
     if order is None:
         order = sort_lookups(indices)
-    offsets = torch.arange(0, num_bags * bag_size, bag_size, device=indices.device)  # [T] (unused by sum)
     g_sorted = op(grad32, weight, order.sorted_rows, offsets, order.tokens, _MODE_SUM)  # [T*K]
     g = torch.empty_like(g_sorted)
     g[order.perm] = g_sorted  # back to token order
@@ -214,7 +219,7 @@ class ValueLookup(torch.autograd.Function):
         table: ValueTable = ctx.table
         weight = table.weight.detach()
         # reuse the table's buffer only when nothing accumulated is still living in it
-        workspace = table._grad_workspace if table.sparse_grad is None else None
+        workspace = getattr(table, "_grad_workspace", None) if table.sparse_grad is None else None
         order = sort_lookups(indices)  # one sort serves both gradients
         grad_weights = None
         if ctx.needs_input_grad[0]:

@@ -159,6 +159,8 @@ def read_meta(ckpt_dir: str) -> dict[str, Any]:
 def save_value_state(folder: str, tables: dict[str, Any], value_optimizer: Any, value_scheduler: Any,
                      rank: int) -> None:
     """Collective over the tables' group: every rank writes its shard (+ SparseAdam moments)."""
+    if not tables:  # a memory-less model
+        return
     save_value_shards(folder, tables, value_optimizer, barrier=True)
     if rank == 0 and value_scheduler is not None:
         torch.save(value_scheduler.state_dict(), os.path.join(folder, "value_scheduler.pt"))
@@ -167,6 +169,8 @@ def save_value_state(folder: str, tables: dict[str, Any], value_optimizer: Any, 
 def load_value_state(folder: str, tables: dict[str, Any], value_optimizer: Any, value_scheduler: Any) -> None:
     """Restore shards and moments (resharding if the checkpoint had another world size) and the
     value lr scheduler (the same on every rank)."""
+    if not tables:
+        return
     load_value_shards(folder, tables, value_optimizer, strict=True, restore_hyperparams=True)
     path = os.path.join(folder, "value_scheduler.pt")
     if value_scheduler is not None and os.path.isfile(path):
@@ -175,6 +179,8 @@ def load_value_state(folder: str, tables: dict[str, Any], value_optimizer: Any, 
 
 def load_full_value_tables(folder: str) -> dict[str, torch.Tensor]:
     """{memory module path: full [num_rows, dim] fp32 weight}, from all ranks' shards (for convert)."""
+    if not os.path.isdir(folder):  # a memory-less model has no value shards
+        return {}
     return {name: full.weight for name, full in load_full_values(folder).items()}
 
 

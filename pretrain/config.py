@@ -54,7 +54,7 @@ class ModelConfig:
     preset: str = "tiny"
     init_from: str | None = None  # HF BERT folder (config.json + weights), memory-less
     overrides: dict[str, Any] = field(default_factory=dict)
-    value_init_seed: int | None = None  # seed of the value-table init; None: train.seed
+    init_seed: int | None = None  # seed of the model initialisation (same on every rank); None: train.seed
 
 
 @dataclass

@@ -178,7 +178,7 @@ def _pretrain_config(out: str, args: argparse.Namespace) -> dict:
               "mem_n_keys": 64 if args.quick else 256, "mem_heads": 4, "mem_knn": 16 if args.quick else 32,
               "mem_k_dim": 64 if args.quick else 128}
     return {
-        "model": {"preset": "bert-base", "init_from": minilm_dir(), "overrides": memory},
+        "model": {"init_from": minilm_dir(), "overrides": memory},
         "data": {"shard_dir": os.path.join(out, "shards"), "max_seq_len": 64 if args.quick else 128},
         "optim": {"lr": 1e-4, "warmup_steps": max(1, steps // 10), "decay": "linear", "weight_decay": 0.01,
                   "grad_clip": 1.0, "value_lr": 1e-3, "value_grad_clip": 1.0},

@@ -347,7 +347,7 @@ def build_model(prep: PreparedRun):
     from pretrain.trainer import seed_everything
 
     cfg = prep.cfg
-    seed_everything(cfg.model.value_init_seed if cfg.model.value_init_seed is not None else cfg.train.seed)
+    seed_everything(cfg.model.init_seed if cfg.model.init_seed is not None else cfg.train.seed)
     if cfg.model.init_from:
         from pkm.modeling import init_from_pretrained_bert
 
@@ -366,18 +366,13 @@ def run(prep: PreparedRun):
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-    from torch.optim.lr_scheduler import LambdaLR
 
-    from pkm.modeling import parameter_groups
-    from pkm.sharded_values import shard_memory_values
-    from pkm.sparse_adam import SparseAdam
     from pretrain.logging_utils import get_logger
     from pretrain.trainer import (
         Trainer,
         TrainStream,
         ValidationData,
-        fp32_batchnorm_adapter,
-        lr_lambda,
+        build_engine,
         memory_output_namedtuple_adapter,
         seed_everything,
     )
@@ -401,22 +396,11 @@ def run(prep: PreparedRun):
     model, summary = build_model(prep)
     logger.info(f"model: {summary}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M dense parameters "
                 f"before sharding; world {world} ({accel.device_name()}, {dist.get_backend()})")
-    # value tables: out of the module (so DeepSpeed never sees them), column-sharded over the DP group
-    tables = shard_memory_values(model, group=None, grad_reduction="mean", device=device)
+    engine, tables, value_opt, value_sched = build_engine(model, cfg, ds, device)
     for name, t in tables.items():
         logger.info(f"value table {name}: {t.num_rows} x {t.dim}, this rank holds columns "
                     f"[{t.col_start}, {t.col_end}) = {tuple(t.weight.shape)} "
                     f"({t.weight.numel() * t.weight.element_size() / 2**20:.2f} MiB)")
-    o = cfg.optim
-    schedule = lr_lambda(o, cfg.train.max_steps)
-    value_opt = SparseAdam(list(tables.values()), lr=o.value_lr, betas=tuple(o.value_betas), eps=o.value_eps,
-                           weight_decay=o.value_weight_decay)
-    value_sched = LambdaLR(value_opt, schedule)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, o.weight_decay), config=ds,
-        lr_scheduler=lambda opt: LambdaLR(opt, schedule),
-    )
-    fp32_batchnorm_adapter(engine.module)
     seed_everything(cfg.train.seed + 1000 * rank)  # dropout streams differ across ranks
     d = cfg.data
     micro = ds["train_micro_batch_size_per_gpu"]

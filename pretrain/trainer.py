@@ -43,7 +43,7 @@ from pretrain.config import OptimConfig, RunConfig, config_to_dict
 from pretrain.evaluate import ValidationData, evaluate_mlm
 from pretrain.logging_utils import MetricsLogger, get_logger
 
-__all__ = ["lr_lambda", "Trainer", "TrainResult", "TrainStream", "ValidationData", "seed_everything",
+__all__ = ["lr_lambda", "build_engine", "Trainer", "TrainResult", "TrainStream", "ValidationData", "seed_everything",
            "fp32_batchnorm_adapter", "memory_output_namedtuple_adapter"]
 
 
@@ -205,6 +205,43 @@ class TrainStream:
             )
         self.consumed_samples = int(state["consumed_samples"])
         self._iter = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine + value tables
+# --------------------------------------------------------------------------------------------------
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any], device: torch.device,
+                 group: Any = None) -> tuple[Any, dict[str, Any], Any, Any]:
+    """Take the value tables out of ``model`` (column-sharded over ``group``, default: the world),
+    give them SparseAdam + the shared schedule, and hand the dense rest to DeepSpeed.
+
+    Returns (engine, tables {memory module path: ShardedValueTable}, value optimizer, value lr
+    scheduler); the last three are empty/None for a memory-less model. Collective: every rank calls
+    it with an identically initialised model."""
+    import deepspeed
+
+    from pkm.modeling import memory_modules, parameter_groups
+    from pkm.sharded_values import shard_memory_values
+    from pkm.sparse_adam import SparseAdam
+
+    o = cfg.optim
+    schedule = lr_lambda(o, cfg.train.max_steps)
+    tables: dict[str, Any] = {}
+    value_opt = value_sched = None
+    if memory_modules(model):
+        # out of the module, so DeepSpeed never broadcasts, casts or partitions them (DESIGN.md)
+        tables = shard_memory_values(model, group=group, grad_reduction="mean", device=device)
+        value_opt = SparseAdam(list(tables.values()), lr=o.value_lr, betas=tuple(o.value_betas), eps=o.value_eps,
+                               weight_decay=o.value_weight_decay)
+        value_sched = LambdaLR(value_opt, schedule)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=parameter_groups(model, o.weight_decay), config=ds_config,
+        lr_scheduler=lambda opt: LambdaLR(opt, schedule),  # the engine steps it (and skips it on overflow)
+    )
+    fp32_batchnorm_adapter(engine.module)
+    return engine, tables, value_opt, value_sched
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,6 +435,8 @@ class Trainer:
     def _value_step(self, loss_scale: float) -> None:
         """Step the value tables iff the engine applied its step (fp16 overflow -> both skip)."""
         tables, acc = self.table_list, self._acc
+        if not tables:  # a memory-less model (the baseline)
+            return
         if not self.engine.was_step_applied():
             for t in tables:
                 t.zero_grad()
@@ -462,7 +501,7 @@ class Trainer:
             "loss": s["loss_sum"] / max(1.0, s["micro"]),
             "mlm_acc": s["correct"] / max(1.0, s["masked"]),
             "lr": float(self.engine.get_lr()[0]),
-            "value_lr": float(self.value_optimizer.param_groups[0]["lr"]),
+            "value_lr": float(self.value_optimizer.param_groups[0]["lr"]) if self.value_optimizer else float("nan"),
             "grad_norm": local[2] / local[3] if local[3] else float("nan"),
             "value_grad_norm": local[0] / local[1] if local[1] else float("nan"),
             "tokens_per_s": s["tokens"] / elapsed,

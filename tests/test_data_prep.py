@@ -1,7 +1,6 @@
 """data_prep: round trip, worker-count independence, resume, bad input, shard validation, CLI."""
 from __future__ import annotations
 
-import bz2
 import importlib.util
 import json
 import os
@@ -11,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data_prep
 from data_prep import open_split, prepare, shards
 from data_prep.__main__ import main as cli_main
 
@@ -119,6 +117,26 @@ def test_resume_after_interruption_gives_same_shards(tmp_path, corpus, monkeypat
     assert _folder_bytes(tmp_path / "fresh") == _folder_bytes(out)
     # Same settings again: finished, returned without work.
     assert prepare(files, out, **kwargs) == json.loads((out / "manifest.json").read_text())
+
+
+def test_crash_before_manifest_resumes_without_duplicates(tmp_path, corpus, monkeypatch):
+    from data_prep import pipeline
+    files, _ = corpus
+    kwargs = dict(tokenizer=MINILM, shard_tokens=300, valid_fraction=0.1, progress=False, workers=0)
+    prepare(files, tmp_path / "fresh", **kwargs)
+    real_write = pipeline._write_json_atomic
+
+    def crash_on_manifest(path, obj):
+        if path.name == "manifest.json":
+            raise KeyboardInterrupt("simulated crash")
+        real_write(path, obj)
+
+    monkeypatch.setattr(pipeline, "_write_json_atomic", crash_on_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(files, tmp_path / "resumed", **kwargs)
+    monkeypatch.setattr(pipeline, "_write_json_atomic", real_write)
+    prepare(files, tmp_path / "resumed", **kwargs)
+    assert _folder_bytes(tmp_path / "fresh") == _folder_bytes(tmp_path / "resumed")
 
 
 def test_different_settings_refused_unless_overwrite(tmp_path, corpus):

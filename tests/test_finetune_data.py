@@ -130,3 +130,36 @@ def test_squad_loaders_v1_and_v2():
     assert sum(1 for a in gold2.values() if not a) == 2
     with pytest.raises(ValueError, match="train-v2.0.json"):
         squad_data.load_squad(get_task("squad_v2"), os.path.join(GLUE, "RTE"))
+
+
+def test_hub_path_without_network(monkeypatch):
+    """data=None goes to datasets.load_dataset("nyu-mll/glue", task) (stubbed here: tests never
+    touch the network) and keeps the task's splits; a hub failure names --data."""
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name=None, **kw):
+        calls.append((path, name))
+        cols = {"premise": ["p"], "hypothesis": ["h"], "label": [0], "idx": [0]}
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(cols) for s in [
+            "train", "validation_matched", "validation_mismatched", "test_matched",
+            "test_mismatched"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    ds = glue_data.load_glue(GLUE_TASKS["mnli"])
+    assert calls == [("nyu-mll/glue", "mnli")]
+    assert set(ds) == {"train", "validation_matched", "validation_mismatched", "test_matched",
+                       "test_mismatched"}
+    # a local folder takes precedence: the hub is not asked
+    glue_data.load_glue(GLUE_TASKS["mnli"], GLUE)
+    assert len(calls) == 1
+
+    def offline(*a, **kw):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match="--data"):
+        glue_data.load_glue(GLUE_TASKS["sst2"])
+    with pytest.raises(ValueError, match="train-v1.1.json"):
+        squad_data.load_squad(get_task("squad"))

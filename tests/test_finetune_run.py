@@ -7,11 +7,23 @@ import json
 import os
 
 import pytest
+import torch
 
 import finetune
 from finetune.__main__ import main as cli_main
 from finetune.tasks import GLUE_TASKS
 from finetune.testing import make_tiny_bert, write_keyword_sst2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread
+    pool's synchronisation makes every step many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 GLUE = os.path.join(FIX, "glue")
@@ -38,17 +50,20 @@ def tiny_model(tmp_path_factory, keyword_data):
     return make_tiny_bert(folder, _fixture_texts() + [" ".join(keyword_data[1])])
 
 
-def test_keyword_task_learns_above_chance(tiny_model, keyword_data, tmp_path):
-    data, _ = keyword_data
-    result = finetune.run_glue_task("sst2", tiny_model, str(tmp_path / "run"), data=data, lr=3e-3,
-                                    seed=1, epochs=5, batch_size=16, max_seq_length=16,
+def test_keyword_task_learns_above_chance(keyword_data, tmp_path):
+    data, words = keyword_data
+    # A random-init BERT sits on a loss plateau for a while; a wider init (0.1) and small batches
+    # (80 steps) get it off reliably (9/9 model x data seeds reached 1.0 when this was tuned).
+    model = make_tiny_bert(str(tmp_path / "kw_model"), [" ".join(words)], initializer_range=0.1)
+    result = finetune.run_glue_task("sst2", model, str(tmp_path / "run"), data=data, lr=2e-3,
+                                    seed=1, epochs=4, batch_size=8, max_seq_length=16,
                                     progress=False, device="cpu")
     # chance is ~0.5 on 60 balanced-ish dev rows; the keyword decides the label
     assert result["metrics"]["accuracy"] >= 0.8, result["metrics"]
     assert result["has_memory"] is False
     saved = json.load(open(tmp_path / "run" / "result.json"))
     assert saved["metrics"] == result["metrics"]
-    assert saved["config"]["lr"] == 3e-3
+    assert saved["config"]["lr"] == 2e-3
 
 
 @pytest.mark.parametrize("name", list(GLUE_TASKS))

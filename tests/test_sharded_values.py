@@ -60,7 +60,7 @@ def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args) -
     torch.set_num_threads(1)  # 2 shared cores: no intra-op oversubscription
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),  # a deadlock fails the test instead of hanging it
+        timeout=datetime.timedelta(seconds=120),  # a deadlock fails the test instead of hanging it
     )
     try:
         result = fn(rank, *args)
@@ -73,7 +73,7 @@ def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args) -
         dist.destroy_process_group()
 
 
-def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 120.0) -> list:
+def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 300.0) -> list:
     """Run ``fn(rank, *args)`` on ``world_size`` spawned gloo ranks (file:// rendezvous, so no
     port can clash); returns each rank's return value in rank order."""
     with tempfile.TemporaryDirectory() as tmp:
