@@ -232,6 +232,13 @@ class ProductKeyMemory(nn.Module):
         else:
             tokens = x.reshape(-1, self.input_dim)  # [T, d]
 
+        if tokens.shape[0] == 0:  # an all-padding batch: nothing to look up (BatchNorm needs rows)
+            empty = x.new_zeros(0, self.heads, self.knn)
+            return MemoryOutput(
+                output=x.new_zeros(*x.shape[:-1], self.output_dim),
+                indices=empty.long(),
+                weights=empty,
+            )
         q = self.query(tokens)  # [T, H, k_dim]
         scores, indices = product_key_topk(q, self.keys, self.knn)  # [T, H, knn] each
         weights = F.softmax(scores.float(), dim=-1).to(q.dtype)  # [T, H, knn]

@@ -271,6 +271,7 @@ class ValueTable(nn.Module):
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """indices [T, K] int64, weights [T, K] -> [T, dim] in weights.dtype."""
         self._check_lookup(indices, weights)
+        indices = indices.long()  # the embedding-bag kernels want one index dtype (offsets are int64)
         # The values always need a gradient, even when `weights` does not (frozen keys/query net):
         # a zero-size tensor that requires grad makes autograd record the lookup whenever grad is on.
         anchor = None

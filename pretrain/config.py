@@ -49,6 +49,9 @@ class ModelConfig:
     ``overrides`` are ``BertPkmConfig`` fields applied on top of the preset (or of the init_from
     checkpoint's config), e.g. ``{"memory_layers": [1], "mem_n_keys": 64, "memory_mode": "residual"}``.
     Unknown field names are an error (checked in ``pretrain.main`` against BertPkmConfig).
+    With ``init_from`` the architecture (sizes, vocabulary) comes from that checkpoint and ``preset``
+    is ignored; memory fields not overridden take BertPkmConfig's defaults (middle layer, N = 512^2).
+    Without it the vocabulary size is taken from the data's tokenizer.
     """
 
     preset: str = "tiny"

@@ -19,8 +19,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
-
 import torch
 
 if __package__ in (None, ""):

@@ -39,7 +39,7 @@ def _fmt_num(v: float) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def format_progress(step: int, max_steps: int, metrics: dict[str, Any], elapsed_s: float) -> str:
+def format_progress(step: int, max_steps: int, metrics: dict[str, Any], eta_s: float | None = None) -> str:
     """'step   120/1000 (12.0%) | loss 6.1234 | acc 0.1032 | lr 1.0e-04 | ... | eta 0:12:31'."""
     parts = [f"step {step:>{len(str(max_steps))}d}/{max_steps} ({100.0 * step / max_steps:4.1f}%)"]
     order = [("loss", "loss"), ("mlm_acc", "acc"), ("lr", "lr"), ("value_lr", "vlr"),
@@ -54,9 +54,8 @@ def format_progress(step: int, max_steps: int, metrics: dict[str, Any], elapsed_
                 parts.append(f"{label} {v:,.0f}")
             else:
                 parts.append(f"{label} {_fmt_num(float(v))}")
-    if step > 0 and elapsed_s > 0:
-        eta = elapsed_s / step * (max_steps - step)
-        h, rem = divmod(int(eta), 3600)
+    if eta_s is not None:
+        h, rem = divmod(int(eta_s), 3600)
         parts.append(f"eta {h}:{rem // 60:02d}:{rem % 60:02d}")
     return " | ".join(parts)
 
@@ -109,13 +108,9 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
             self._tb.flush()
         if kind == "train":
-            done = step - self.start_step
-            line = format_progress(step, self.max_steps, clean, 0.0)
-            if done > 0:
-                eta = (time.time() - self.start_time) / done * (self.max_steps - step)
-                h, rem = divmod(int(eta), 3600)
-                line += f" | eta {h}:{rem // 60:02d}:{rem % 60:02d}"
-            self.logger.info(line)
+            done = step - self.start_step  # since this process started (a resume starts the clock anew)
+            eta = (time.time() - self.start_time) / done * (self.max_steps - step) if done > 0 else None
+            self.logger.info(format_progress(step, self.max_steps, clean, eta))
         else:
             body = " | ".join(f"{k} {_fmt_num(v) if isinstance(v, float) else v}" for k, v in clean.items())
             self.logger.info(f"[{kind}] step {step} | {body}")

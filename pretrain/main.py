@@ -457,25 +457,30 @@ def launch(config: str | RunConfig | dict[str, Any], ds_config: str, num_procs: 
     import tempfile
 
     overrides = list(overrides or [])
+    tmp_config = None
     if isinstance(config, (RunConfig, dict)):
         data = config_to_dict(config) if isinstance(config, RunConfig) else config
-        fd, path = tempfile.mkstemp(prefix="run_config_", suffix=".json")
+        fd, tmp_config = tempfile.mkstemp(prefix="run_config_", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
-        config = path
-    parsed = parse_cli(["--config", config, "--deepspeed_config", ds_config, *overrides])
-    prepare_run(*parsed, world_size=num_procs)  # fail fast, with the same messages as the ranks
-    deepspeed_bin = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [deepspeed_bin, "--num_gpus", str(num_procs), "--master_port", str(master_port or _free_port()),
-           os.path.join(REPO_ROOT, "pretrain", "main.py"), "--config", config, "--deepspeed_config", ds_config,
-           *overrides]
-    child_env = {**os.environ, **(env or {})}
-    child_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + child_env.get("PYTHONPATH", "")
-    if log_file:
-        with open(log_file, "w", encoding="utf-8") as f:
-            rc = subprocess.call(cmd, env=child_env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    else:
-        rc = subprocess.call(cmd, env=child_env, cwd=REPO_ROOT)
+        config = tmp_config
+    try:
+        parsed = parse_cli(["--config", config, "--deepspeed_config", ds_config, *overrides])
+        prepare_run(*parsed, world_size=num_procs)  # fail fast, with the same messages as the ranks
+        deepspeed_bin = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        cmd = [deepspeed_bin, "--num_gpus", str(num_procs), "--master_port", str(master_port or _free_port()),
+               os.path.join(REPO_ROOT, "pretrain", "main.py"), "--config", config, "--deepspeed_config", ds_config,
+               *overrides]
+        child_env = {**os.environ, **(env or {})}
+        child_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + child_env.get("PYTHONPATH", "")
+        if log_file:
+            with open(log_file, "w", encoding="utf-8") as f:
+                rc = subprocess.call(cmd, env=child_env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        else:
+            rc = subprocess.call(cmd, env=child_env, cwd=REPO_ROOT)
+    finally:
+        if tmp_config is not None:
+            os.remove(tmp_config)
     if check and rc != 0:
         raise RuntimeError(f"pretraining exited with code {rc}" + (f"; see {log_file}" if log_file else ""))
     return rc

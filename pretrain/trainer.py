@@ -174,7 +174,7 @@ class TrainStream:
                              shuffle=True, consumed_samples=self.consumed_samples)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.micro_batch, sampler=sampler, collate_fn=self.dataset.collate,
-            num_workers=self.num_workers, persistent_workers=False,
+            num_workers=self.num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
             # its own generator: creating an iterator draws a base seed, which from the global RNG
             # would shift the dropout stream of a resumed run (the loader is rebuilt on resume)
             generator=torch.Generator().manual_seed(self.seed),
@@ -344,7 +344,7 @@ class Trainer:
     def _reset_interval(self) -> None:
         z = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
         self._acc = {"loss_sum": z(), "micro": z(), "correct": z(), "masked": z(), "tokens": z(),
-                     "samples": z(), "value_sq_norm": z(), "value_steps": z(), "dense_norm": z(),
+                     "samples": z(), "value_norm_sum": z(), "value_steps": z(), "dense_norm": z(),
                      "dense_norm_steps": z(), "skipped": z()}
         self._interval_t0 = time.perf_counter()
         self._interval_steps = 0
@@ -445,12 +445,21 @@ class Trainer:
         if loss_scale != 1.0:
             for t in tables:
                 t.scale_grad_(1.0 / loss_scale)
-        sq = torch.stack([t.grad_sq_norm().to(torch.float64) for t in tables]).sum()
-        if self.world_size > 1:
-            sq = sq.to(self.device)
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)  # shards hold disjoint columns
-        norm = sq.sqrt()
         clip = self.cfg.optim.value_grad_clip
+        step = self.state.step + 1
+        # The global norm costs a pass over the touched rows and an all-reduce: only when clipping,
+        # checking fp16 overflow, or logging needs it.
+        need_norm = clip > 0 or self.fp16 or step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
+        norm = None
+        if need_norm:
+            sq = torch.zeros((), dtype=torch.float64, device=self.device)
+            for t in tables:
+                if t.sparse_grad is not None:
+                    # fused norm: no [U, cols] temporary (pow(2).sum() would write one)
+                    sq += torch.linalg.vector_norm(t.sparse_grad.values, dtype=torch.float32).double().square()
+            if self.world_size > 1:
+                dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)  # shards hold disjoint columns
+            norm = sq.sqrt()
         if clip > 0:
             # min(1, clip / norm) as a tensor: no host sync on the hot path
             factor = torch.clamp(clip / (norm + 1e-6), max=1.0).to(torch.float32)
@@ -465,14 +474,14 @@ class Trainer:
                     t.zero_grad()
                 acc["skipped"] += 1
                 return
-        step = self.state.step + 1
         for t, tracker in zip(tables, self.staleness):
             if t.sparse_grad is not None:
                 tracker.mark_updated(t.sparse_grad.rows, step)  # before SparseAdam clears the grad
         self.value_optimizer.step()
         self.value_scheduler.step()
-        acc["value_sq_norm"] += norm.to(self.device)
-        acc["value_steps"] += 1
+        if norm is not None:
+            acc["value_norm_sum"] += norm.to(self.device)  # (a norm, summed for the interval mean)
+            acc["value_steps"] += 1
 
     # -- logging ----------------------------------------------------------------------------------
 
@@ -492,7 +501,7 @@ class Trainer:
         keys = ["loss_sum", "micro", "correct", "masked", "tokens", "samples"]
         summed = self._reduce(torch.stack([acc[k] for k in keys]).to(self.device)).tolist()  # the .item() of the interval
         s = dict(zip(keys, summed))
-        local = torch.stack([acc["value_sq_norm"], acc["value_steps"], acc["dense_norm"],
+        local = torch.stack([acc["value_norm_sum"], acc["value_steps"], acc["dense_norm"],
                              acc["dense_norm_steps"], acc["skipped"]]).tolist()
         elapsed = time.perf_counter() - self._interval_t0
         steps = max(1, self._interval_steps)

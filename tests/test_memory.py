@@ -142,6 +142,13 @@ def test_bf16_autocast_runs_and_keeps_fp32_table():
     assert torch.isfinite(mem.query_proj.weight.grad).all()
 
 
+def test_all_padding_batch_returns_zeros():
+    mem = ProductKeyMemory(8, 6, n_keys=8, heads=2, knn=2, k_dim=8)
+    res = mem(torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=torch.long))
+    assert torch.equal(res.output, torch.zeros(2, 3, 6))
+    assert res.indices.shape == (0, 2, 2) and res.weights.shape == (0, 2, 2)
+
+
 def test_zero_init_values_give_zero_output():
     mem = ProductKeyMemory(8, 8, n_keys=8, heads=1, knn=2, k_dim=8, value_init="zeros")
     out = mem(torch.randn(5, 8)).output

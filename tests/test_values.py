@@ -85,6 +85,21 @@ def test_grad_accumulates_over_micro_batches_and_scales():
     assert table.grad_sq_norm().item() == 0.0
 
 
+def test_int32_indices_match_int64():
+    torch.manual_seed(0)
+    table = ValueTable(20, 5)
+    idx = torch.randint(0, 20, (4, 3))
+    w32 = torch.rand(4, 3, requires_grad=True)
+    w64 = w32.detach().clone().requires_grad_(True)
+    probe = torch.randn(4, 5)
+    (table(idx.int(), w32) * probe).sum().backward()
+    g32 = table.sparse_grad.values.clone()
+    table.zero_grad()
+    (table(idx, w64) * probe).sum().backward()
+    torch.testing.assert_close(w32.grad, w64.grad)
+    torch.testing.assert_close(g32, table.sparse_grad.values)
+
+
 def test_weight_is_a_state_dict_parameter_without_dense_grad():
     table = ValueTable(8, 4)
     assert "weight" in table.state_dict()
