@@ -289,7 +289,7 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint '{ckpt_dir}' was written by {meta['world_size']} ranks and this run has "
             f"{world_size}: DeepSpeed's ZeRO optimizer state is partitioned per rank, so resume with "
-            f"{meta['world_size']} ranks (or convert the checkpoint and start a new run from it)."
+            f"{meta['world_size']} ranks."
         )
     load_path, _ = engine.load_checkpoint(
         os.path.join(ckpt_dir, "ds"), tag=meta.get("ds_tag", DS_TAG),

@@ -89,7 +89,7 @@ def stage_prep(out: str, args: argparse.Namespace) -> dict:
     _write_jsonl(os.path.join(corpus_dir, "heldout.jsonl"), [articles[i] for i in heldout])
 
     manifest = prepare(os.path.join(corpus_dir, "pretrain.jsonl"), os.path.join(out, "shards"),
-                       tokenizer=minilm_dir(), workers=min(2, os.cpu_count() or 1), valid_fraction=0.05,
+                       tokenizer=minilm_dir(), workers=min(2, os.cpu_count() or 1), valid_fraction=0.1,
                        seed=SEED, progress=True, overwrite=True)
     return {"articles": len(articles), "pretrain_articles": len(articles) - n_heldout,
             "heldout_articles": n_heldout, "manifest": _manifest_summary(manifest)}

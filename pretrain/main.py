@@ -314,6 +314,13 @@ def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: lis
             raise ValueError(f"train.resume is set but '{checkpoint_root(t.out_dir)}' holds no complete checkpoint: "
                              "drop --resume to start a new run, or fix train.out_dir.")
         resume_from = existing
+        with open(os.path.join(existing, "meta.json"), encoding="utf-8") as f:
+            saved_world = json.load(f).get("world_size")
+        if saved_world != world_size:
+            raise ValueError(
+                f"the checkpoint to resume ({existing}) was written by {saved_world} ranks but this run has "
+                f"{world_size}: DeepSpeed's ZeRO optimizer state is partitioned per rank, so resume with "
+                f"{saved_world} ranks (the value shards alone could be re-cut, the dense optimizer state cannot).")
     elif existing is not None:
         raise ValueError(f"train.out_dir '{t.out_dir}' already holds checkpoints (latest: {existing}): pass "
                          "--resume to continue that run, or choose another train.out_dir.")

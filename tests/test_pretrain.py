@@ -323,6 +323,12 @@ def test_zero3_two_ranks_learns(shards, run_root):
     assert ckpts == ["latest", "step_00000006", "step_00000012"]
     with open(os.path.join(run["out"], "checkpoints", "latest")) as f:
         assert f.read().strip() == "step_00000012"
+    # the run folder is protected, and a resume must use the same number of ranks
+    with pytest.raises(ValueError, match="already holds checkpoints .* pass --resume"):
+        _prep(shards, run["out"], world=2)
+    with pytest.raises(ValueError, match="written by 2 ranks but this run has 1"):
+        _prep(shards, run["out"], "--resume", world=1)
+    assert _prep(shards, run["out"], "--resume", world=2).resume_from.endswith("step_00000012")
 
 
 def _tensors_equal(a, b, path="") -> None:
