@@ -81,15 +81,16 @@ def product_key_topk(
         i1 = sub_idx[:, 0].gather(-1, a)  # [H, T, knn] sub-key id in half 1
         i2 = sub_idx[:, 1].gather(-1, b)  # [H, T, knn] sub-key id in half 2
         indices = i1 * n + i2  # [H, T, knn]
-        # rows of keys_flat picked per (sub-key set, token): [H, 2, T, knn] -> [H*2*T, knn]
-        set_offset = (torch.arange(h * 2, device=query.device) * n).view(h, 2, 1, 1)
-        pick = (torch.stack([i1, i2], dim=1) + set_offset).view(h * 2 * t, knn)
+        # rows of keys_flat picked per (token, sub-key set), token-major so that the query rows
+        # are a plain view of `query`: [H, 2, T, knn] -> [T, H, 2, knn] -> [T*H*2, knn]
+        set_offset = (torch.arange(h * 2, device=query.device) * n).view(1, h, 2, 1)
+        pick = (torch.stack([i1, i2], dim=1).permute(2, 0, 1, 3) + set_offset).reshape(t * h * 2, knn)
     # differentiable scores of the chosen slots, <q1, K1[i1]> + <q2, K2[i2]>, as k gather-dots per
-    # (sub-key set, token): gradients touch only the picked sub-keys, never a dense [H*2, T, n] grad
-    dots = _PickedDots.apply(q.reshape(h * 2 * t, half), keys_flat, pick)  # [H*2*T, knn]
-    dots = dots.view(h, 2, t, knn)
-    scores = dots[:, 0] + dots[:, 1]  # [H, T, knn], sorted descending up to rounding
-    return scores.transpose(0, 1), indices.transpose(0, 1)  # [T, H, knn]
+    # (token, sub-key set): gradients touch only the picked sub-keys, never a dense [H*2, T, n] grad
+    dots = _PickedDots.apply(query.reshape(t * h * 2, half), keys_flat, pick)  # [T*H*2, knn]
+    dots = dots.view(t, h, 2, knn)
+    scores = dots[:, :, 0] + dots[:, :, 1]  # [T, H, knn], sorted descending up to rounding
+    return scores, indices.transpose(0, 1)  # [T, H, knn]
 
 
 class _PickedDots(torch.autograd.Function):
@@ -232,13 +233,8 @@ class ProductKeyMemory(nn.Module):
         else:
             tokens = x.reshape(-1, self.input_dim)  # [T, d]
 
-        if tokens.shape[0] == 0:  # an all-padding batch: nothing to look up (BatchNorm needs rows)
-            empty = x.new_zeros(0, self.heads, self.knn)
-            return MemoryOutput(
-                output=x.new_zeros(*x.shape[:-1], self.output_dim),
-                indices=empty.long(),
-                weights=empty,
-            )
+        # T may be 0 (an all-padding batch, an empty rank): the layer still runs through the value
+        # table, whose sharded version needs every rank in its collectives.
         q = self.query(tokens)  # [T, H, k_dim]
         scores, indices = product_key_topk(q, self.keys, self.knn)  # [T, H, knn] each
         weights = F.softmax(scores.float(), dim=-1).to(q.dtype)  # [T, H, knn]

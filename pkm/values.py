@@ -310,7 +310,8 @@ class ValueTable(nn.Module):
         """Squared L2 norm of the local sparse grad (0-dim fp32 on the table's device, no sync)."""
         if self.sparse_grad is None:
             return torch.zeros((), dtype=torch.float32, device=self.weight.device)
-        return self.sparse_grad.values.float().pow(2).sum()
+        # fused norm: no [U, cols] temporary (pow(2).sum() would write one)
+        return torch.linalg.vector_norm(self.sparse_grad.values, dtype=torch.float32).square()
 
     def extra_repr(self) -> str:
         return f"num_rows={self.num_rows}, dim={self.dim}, cols=[{self.col_start}, {self.col_end})"

@@ -110,6 +110,7 @@ class TrainConfig:
     resume: bool = False  # continue from the latest complete checkpoint in out_dir
     stale_window_steps: int = 100  # a slot is stale if not updated in this many steps
     tensorboard: bool = True
+    deterministic: bool = False  # torch deterministic algorithms (GPU: bitwise-reproducible resume, slower)
     debug_kill_after_step: int = 0  # tests: SIGKILL every rank right after this step's checkpoint
     debug_dump_logits: bool = False  # tests: save the first validation batch's logits at the end
 

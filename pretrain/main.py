@@ -26,6 +26,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+# MKL may otherwise change its thread count with the machine's load, and with it the summation order
+# of matrix products: runs (and a resumed run versus the uninterrupted one) would differ in the last
+# bits. Set before torch is imported; an explicit MKL_DYNAMIC in the environment wins.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
 if __package__ in (None, ""):  # `python pretrain/main.py` / `deepspeed pretrain/main.py`: make `pretrain` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -386,12 +391,22 @@ def run(prep: PreparedRun):
 
     cfg, ds = prep.cfg, prep.ds_config
     logger = get_logger(prep.rank)
+    if cfg.train.deterministic:
+        # CPU runs are reproducible with a fixed thread count already; CUDA needs deterministic
+        # kernels (and a fixed cuBLAS workspace) for a resumed run to match bit for bit.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == prep.world_size, (world, prep.world_size)
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(prep.local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # The launcher starts LOCAL_SIZE ranks that would each use every core (oversubscription is
+        # several times slower on small machines): share the cores unless the user chose a count.
+        local_size = int(os.environ.get("LOCAL_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     device = torch.device(accel.current_device_name())
     if rank == 0:
         os.makedirs(cfg.train.out_dir, exist_ok=True)

@@ -147,6 +147,7 @@ def test_all_padding_batch_returns_zeros():
     res = mem(torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=torch.long))
     assert torch.equal(res.output, torch.zeros(2, 3, 6))
     assert res.indices.shape == (0, 2, 2) and res.weights.shape == (0, 2, 2)
+    assert torch.isfinite(mem.query_norm.running_mean).all() and torch.isfinite(mem.query_norm.running_var).all()
 
 
 def test_zero_init_values_give_zero_output():

@@ -30,6 +30,9 @@ from pretrain.main import parse_cli, prepare_run, resolve_ds_config  # noqa: E40
 from pretrain.trainer import lr_lambda  # noqa: E402
 
 TINY_OVERRIDES = {"memory_layers": [1], "mem_n_keys": 16}
+# One thread per rank: 2 ranks on a 2-core machine are not oversubscribed, and the thread count (so
+# the summation order of every kernel) cannot change with the load of the machine.
+RANK_ENV = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,8 +111,7 @@ def launch(cfg: dict, ds_config: str, nproc: int, extra: list[str] | None = None
         json.dump(cfg, f)
     cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_free_port()), "pretrain/main.py",
            "--deepspeed_config", os.path.join(REPO, "ds_configs", ds_config), "--config", cfg_path, *(extra or [])]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **RANK_ENV})
     return p.returncode, p.stdout + p.stderr
 
 
@@ -283,7 +285,7 @@ def test_zero2_bf16_two_ranks_learns_with_sharded_values(shards, tmp_path):
     log_file = str(tmp_path / "zero2.log")
     rc = launch_api(run_config(shards, out, max_steps=16, ckpt_every=0, eval_every=8),
                     os.path.join(REPO, "ds_configs", "tiny_zero2_bf16.json"), num_procs=2, log_file=log_file,
-                    env={"PYTHONWARNINGS": "ignore"}, check=False)
+                    env=RANK_ENV, check=False)
     with open(log_file) as f:
         log = f.read()
     assert rc == 0, log[-3000:]
