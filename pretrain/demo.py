@@ -101,8 +101,8 @@ def stage_tasks(out: str, args: argparse.Namespace) -> dict:
     docs = [Document(r["title"], r["text"]) for r in _read_jsonl(os.path.join(out, "corpus", "heldout.jsonl"))]
     built = write_heldout_tasks(docs, os.path.join(out, "tasks"), seed=SEED)
     # The quick form (test suite) keeps a few dozen examples so finetuning takes seconds.
-    kept = _trim_tasks(os.path.join(out, "tasks"), max_pairs=32 if args.quick else 1500,
-                       max_questions=24 if args.quick else 900)
+    kept = _trim_tasks(os.path.join(out, "tasks"), max_pairs=32 if args.quick else 600,
+                       max_questions=24 if args.quick else 360)
     return {"built": built, "kept": kept}
 
 
@@ -143,9 +143,9 @@ def stage_finetune(out: str, args: argparse.Namespace) -> dict:
     for name, model in models.items():
         common = dict(model=model, seed=SEED, epochs=epochs, batch_size=16)
         pairs = run_glue_task("mrpc", output=os.path.join(out, "finetune", name, "pairs"), data=glue_dir,
-                              lr=5e-5, max_seq_length=64 if args.quick else 128, **common)
+                              lr=5e-5, max_seq_length=64, **common)
         qa = run_squad("squad", output=os.path.join(out, "finetune", name, "qa"), data=squad_dir,
-                       lr=1e-4, max_seq_length=96 if args.quick else 192, doc_stride=32 if args.quick else 64,
+                       lr=1e-4, max_seq_length=96 if args.quick else 128, doc_stride=32 if args.quick else 48,
                        **common)
         results[name] = {"pairs": pairs.get("metrics", pairs), "qa": qa.get("metrics", qa)}
     return results
@@ -182,7 +182,7 @@ def _pretrain_config(out: str, args: argparse.Namespace) -> dict:
     return {
         "model": {"init_from": minilm_dir(), "overrides": memory},
         "data": {"shard_dir": os.path.join(out, "shards"), "max_seq_len": 64 if args.quick else 128},
-        "optim": {"lr": 1e-4, "warmup_steps": max(1, steps // 10), "decay": "linear", "weight_decay": 0.01,
+        "optim": {"lr": 2e-4, "warmup_steps": max(1, steps // 10), "decay": "linear", "weight_decay": 0.01,
                   "grad_clip": 1.0, "value_lr": 1e-3, "value_grad_clip": 1.0},
         "train": {"max_steps": steps, "seed": SEED, "log_every": max(1, steps // 50),
                   "eval_every": max(1, steps // 10), "eval_batches": 2 if args.quick else 8,
