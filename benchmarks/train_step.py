@@ -149,11 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import deepspeed
 
-    from pretrain.trainer import memory_output_namedtuple_adapter
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    memory_output_namedtuple_adapter()
     print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}, cuda {torch.cuda.is_available()}", flush=True)
     rows = []

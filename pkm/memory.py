@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +23,67 @@ from torch import nn
 
 from pkm.values import ValueTable, row_sparse_grad, weighted_bag, weighted_bag_weights_grad
 
-__all__ = ["MemoryOutput", "ProductKeyMemory", "product_key_topk"]
+__all__ = ["MemoryOutput", "ProductKeyMemory", "QueryBatchNorm", "product_key_topk"]
 
 _QUERY_NORMS = ("batchnorm", "layernorm")
 
 
-@dataclass
-class MemoryOutput:
-    output: torch.Tensor  # same leading shape as x, last dim = output_dim
+class MemoryOutput(NamedTuple):
+    """What the memory's forward returns.
+
+    A NamedTuple, not a dataclass: engines that hook a module's outputs to drive backward (DeepSpeed
+    ZeRO-3 re-gathers partitioned parameters from a hook on the returned tensors) find tensors only
+    inside tensors, tuples, lists and dicts; in a dataclass the hook never fires and backward fails.
+    Immutable: build a new one (``mo._replace(...)``) instead of assigning a field.
+    """
+
+    output: torch.Tensor | None  # same leading shape as x, last dim = output_dim (None in metric copies)
     indices: torch.Tensor  # [T, heads, knn] int64, T = number of real (non-padded) tokens
     weights: torch.Tensor  # [T, heads, knn] softmax weights (activation dtype)
+
+
+class QueryBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d that computes in fp32 (or wider) and returns the input's dtype.
+
+    Mixed-precision engines (DeepSpeed bf16/fp16) cast every parameter but no buffer, leaving bf16
+    input and affine parameters beside fp32 running statistics, a mix ``F.batch_norm`` rejects; and
+    statistics of bf16 activations lose precision anyway. So input and affine parameters are cast up,
+    the running statistics stay in their own (fp32) buffers and are updated exactly. Same parameters,
+    buffers and state_dict keys as ``nn.BatchNorm1d``. Padding is handled by the caller, which passes
+    only the real tokens.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        # same bookkeeping as nn.BatchNorm's forward
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_stats = not self.training or self.track_running_stats
+        mean = self.running_mean if pass_stats else None
+        var = self.running_var if pass_stats else None
+
+        compute = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for a float64 model
+        if mean is not None:
+            compute = torch.promote_types(compute, mean.dtype)
+        # Buffers of another dtype (a model cast as a whole, e.g. .half()) are computed on in a copy
+        # and written back, so the update is never lost.
+        stats_cast = mean is not None and (mean.dtype != compute or var.dtype != compute)
+        mean_c = mean.to(compute) if stats_cast else mean
+        var_c = var.to(compute) if stats_cast else var
+        weight = self.weight.to(compute) if self.weight is not None else None
+        bias = self.bias.to(compute) if self.bias is not None else None
+        out = F.batch_norm(
+            x.to(compute), mean_c, var_c, weight, bias, use_batch_stats, factor, self.eps
+        )  # [T, C] in the compute dtype
+        if stats_cast and self.training and self.track_running_stats:
+            with torch.no_grad():
+                mean.copy_(mean_c)
+                var.copy_(var_c)
+        return out.to(x.dtype)
 
 
 @functools.lru_cache(maxsize=32)
@@ -167,7 +218,7 @@ class ProductKeyMemory(nn.Module):
         # query network: Linear -> Norm over H*k_dim features (real tokens only)
         self.query_proj = nn.Linear(input_dim, heads * k_dim)
         self.query_norm = (
-            nn.BatchNorm1d(heads * k_dim) if query_norm == "batchnorm" else nn.LayerNorm(heads * k_dim)
+            QueryBatchNorm(heads * k_dim) if query_norm == "batchnorm" else nn.LayerNorm(heads * k_dim)
         )
         # two sub-key sets per head: [H, 2, n, k_dim/2]
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, k_dim // 2))

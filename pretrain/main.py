@@ -385,7 +385,6 @@ def run(prep: PreparedRun):
         TrainStream,
         ValidationData,
         build_engine,
-        memory_output_namedtuple_adapter,
         seed_everything,
     )
 
@@ -414,7 +413,6 @@ def run(prep: PreparedRun):
         with open(os.path.join(cfg.train.out_dir, "ds_config.json"), "w", encoding="utf-8") as f:
             json.dump(ds, f, indent=2)
 
-    memory_output_namedtuple_adapter()  # local adapter until pkm.memory.MemoryOutput is a tuple (ZeRO-3)
     model, summary = build_model(prep)
     logger.info(f"model: {summary}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M dense parameters "
                 f"before sharding; world {world} ({accel.device_name()}, {dist.get_backend()})")

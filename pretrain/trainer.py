@@ -30,12 +30,11 @@ import random
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from pretrain import checkpoint as ckpt
@@ -43,8 +42,7 @@ from pretrain.config import OptimConfig, RunConfig, config_to_dict
 from pretrain.evaluate import ValidationData, evaluate_mlm
 from pretrain.logging_utils import MetricsLogger, get_logger
 
-__all__ = ["lr_lambda", "build_engine", "Trainer", "TrainResult", "TrainStream", "ValidationData", "seed_everything",
-           "fp32_batchnorm_adapter", "memory_output_namedtuple_adapter"]
+__all__ = ["lr_lambda", "build_engine", "Trainer", "TrainResult", "TrainStream", "ValidationData", "seed_everything"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,67 +76,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------------------------------
-# Local adapter: BatchNorm in the memory's query net under DeepSpeed bf16/fp16
-# --------------------------------------------------------------------------------------------------
-
-
-def _fp32_batchnorm_forward(bn: torch.nn.modules.batchnorm._BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                factor = 1.0 / float(bn.num_batches_tracked)
-        use_batch_stats = bn.training or bn.running_mean is None
-        w = bn.weight.float() if bn.weight is not None else None
-        b = bn.bias.float() if bn.bias is not None else None
-        out = F.batch_norm(
-            x.float(), bn.running_mean if not bn.training or bn.track_running_stats else None,
-            bn.running_var if not bn.training or bn.track_running_stats else None,
-            w, b, use_batch_stats, factor, bn.eps,
-        )
-        return out.to(x.dtype)
-
-    return forward
-
-
-def fp32_batchnorm_adapter(module: torch.nn.Module) -> int:
-    """DeepSpeed bf16/fp16 casts every parameter but no buffer, so a BatchNorm ends up with bf16
-    weight/bias, fp32 running stats and bf16 input, which ``F.batch_norm`` rejects. Compute such
-    BatchNorms in fp32 (stats stay fp32 and exact) and cast the output back. Returns how many were
-    patched. (A fix inside pkm/memory.py would make this unnecessary.)"""
-    n = 0
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-            if m.running_mean is not None and m.weight.dtype != m.running_mean.dtype:
-                m.forward = _fp32_batchnorm_forward(m)  # instance attribute: module hooks still run
-                n += 1
-    return n
-
-
-def memory_output_namedtuple_adapter() -> bool:
-    """ZeRO-3 finds the tensors a module returns only inside tensors, tuples (named ones too), lists
-    and dicts; ``pkm.memory.MemoryOutput`` is a dataclass, so its pre-backward hook never fires,
-    the memory's parameters stay released (size 0) in backward and backward fails. Swap in a
-    NamedTuple with the same fields (same attribute access, same keyword construction). Returns
-    True if it patched; a no-op once pkm/memory.py defines MemoryOutput as a tuple."""
-    import pkm.memory
-    import pkm.modeling
-
-    if issubclass(pkm.memory.MemoryOutput, tuple):
-        return False
-
-    class MemoryOutput(NamedTuple):
-        output: Optional[torch.Tensor]  # [*, output_dim] (None in last_memory_outputs)
-        indices: torch.Tensor  # [T, heads, knn]
-        weights: torch.Tensor  # [T, heads, knn]
-
-    pkm.memory.MemoryOutput = MemoryOutput  # the memory's forward builds it by this global name
-    pkm.modeling.MemoryOutput = MemoryOutput  # so does the model for last_memory_outputs
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +177,6 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, An
         model=model, model_parameters=parameter_groups(model, o.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: LambdaLR(opt, schedule),  # the engine steps it (and skips it on overflow)
     )
-    fp32_batchnorm_adapter(engine.module)
     return engine, tables, value_opt, value_sched
 
 
@@ -454,9 +390,7 @@ class Trainer:
         if need_norm:
             sq = torch.zeros((), dtype=torch.float64, device=self.device)
             for t in tables:
-                if t.sparse_grad is not None:
-                    # fused norm: no [U, cols] temporary (pow(2).sum() would write one)
-                    sq += torch.linalg.vector_norm(t.sparse_grad.values, dtype=torch.float32).double().square()
+                sq += t.grad_sq_norm().to(sq.device, torch.float64)  # local shard's part; 0 without a grad
             if self.world_size > 1:
                 dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)  # shards hold disjoint columns
             norm = sq.sqrt()

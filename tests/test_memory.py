@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pkm.memory import ProductKeyMemory
+from pkm.memory import MemoryOutput, ProductKeyMemory
 
 
 def naive_memory(mem: ProductKeyMemory, x: torch.Tensor, values: torch.Tensor):
@@ -140,6 +142,87 @@ def test_bf16_autocast_runs_and_keeps_fp32_table():
     assert mem.values.sparse_grad.values.dtype == torch.float32
     assert mem.keys.grad is not None and mem.keys.grad.dtype == torch.float32
     assert torch.isfinite(mem.query_proj.weight.grad).all()
+
+
+def _cast_params_like_deepspeed(mem: ProductKeyMemory, dtype: torch.dtype) -> None:
+    """What DeepSpeed bf16/fp16 does to the engine's module: every parameter's data is cast, no
+    buffer is (BatchNorm running stats stay fp32). The value table lives outside the engine
+    (DESIGN.md), so it keeps its fp32 weight."""
+    for name, p in mem.named_parameters():
+        if not name.startswith("values."):
+            p.data = p.data.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_params_with_fp32_buffers_match_fp32_layer(dtype):
+    torch.manual_seed(0)
+    ref = ProductKeyMemory(32, 16, n_keys=16, heads=2, knn=4, k_dim=16).train()
+    with torch.no_grad():  # give the fp32 reference the same (half-representable) parameters
+        for name, p in ref.named_parameters():
+            if not name.startswith("values."):
+                p.copy_(p.to(dtype).float())
+    mem = copy.deepcopy(ref)
+    _cast_params_like_deepspeed(mem, dtype)
+    bn = mem.query_norm
+    assert bn.weight.dtype == dtype and bn.running_mean.dtype == torch.float32
+    x = torch.randn(2, 6, 32).to(dtype)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[0, 5] = 0
+    x[~mask.bool()] = 100.0  # junk at padded positions must stay out of the statistics
+    real = mask.bool()
+
+    for training in (True, False):
+        mem.train(training)
+        ref.train(training)
+        # the query net alone: the BatchNorm under mixed dtypes, over the real tokens only
+        q, q_ref = mem.query(x[real]), ref.query(x[real].float())  # [T, H, k_dim]
+        assert q.dtype == dtype
+        torch.testing.assert_close(q.float(), q_ref, atol=3e-2, rtol=2e-2)
+
+        res, res_ref = mem(x, mask), ref(x.float(), mask)
+        assert isinstance(res, MemoryOutput)
+        assert res.output.dtype == dtype and res.weights.dtype == dtype
+        assert torch.all(res.output[~real] == 0)
+        # half-precision rounding may swap near-tied slots at the top-k boundary: compare the output
+        # where the chosen slot sets agree, and require most tokens to agree so the check means something
+        agree = (res.indices.sort(-1)[0] == res_ref.indices.sort(-1)[0]).all(-1).all(-1)  # [T]
+        assert agree.float().mean() >= 0.5
+        torch.testing.assert_close(res.output[real][agree].float(), res_ref.output[real][agree],
+                                   atol=1e-2, rtol=2e-2)
+
+    # running stats: fp32, updated once per training forward (query + layer), close to the fp32 layer
+    assert bn.running_mean.dtype == torch.float32 and bn.running_var.dtype == torch.float32
+    assert int(bn.num_batches_tracked) == int(ref.query_norm.num_batches_tracked) == 2
+    torch.testing.assert_close(bn.running_mean, ref.query_norm.running_mean, atol=1e-3, rtol=1e-2)
+    torch.testing.assert_close(bn.running_var, ref.query_norm.running_var, atol=1e-3, rtol=1e-2)
+
+    mem.train()
+    mem(x, mask).output.float().pow(2).sum().backward()
+    for name, p in mem.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == dtype, name
+            assert torch.isfinite(p.grad).all(), name
+    assert mem.values.sparse_grad.values.dtype == torch.float32
+
+
+def test_memory_output_is_a_tuple_hook_engines_can_walk():
+    """ZeRO-3 finds a forward's output tensors only inside tensors/tuples/lists/dicts (its hook on
+    them re-gathers the module's parameters for backward); a dataclass would hide them."""
+    mem = ProductKeyMemory(8, 6, n_keys=8, heads=2, knn=2, k_dim=8)
+    out = mem(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.long))
+    assert isinstance(out, tuple)
+    assert out._fields == ("output", "indices", "weights")
+    assert out[0] is out.output and out[1] is out.indices and out[2] is out.weights
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    assert len(leaves) == 3 and all(isinstance(t, torch.Tensor) for t in leaves)
+
+    zero_utils = pytest.importorskip("deepspeed.runtime.zero.utils")
+    seen = []
+    walked = zero_utils.apply_to_tensors_only(lambda t: seen.append(t) or t, out)  # ZeRO-3's output walk
+    assert len(seen) == 3 and seen[0] is out.output
+    assert isinstance(walked, MemoryOutput)  # rebuilt as the same type, fields in place
+    assert walked.indices is out.indices
 
 
 def test_all_padding_batch_returns_zeros():
