@@ -10,7 +10,11 @@ Prints, in one run:
    beside a dense torch.optim.Adam step over the whole table.
 
 Usage: python benchmarks/pkm_layer.py [--iters 5] [--tokens 4096] [--dim 768] [--opt-dim 768]
-       [--threads N] [--skip-layer] [--skip-opt] [--profile]
+       [--threads N] [--skip-layer] [--skip-opt] [--profile] [--compare-torch-adam]
+
+--compare-torch-adam adds, interleaved in the same run, the PKM step with SparseAdam's torch-op path
+(``native = False``) beside the default (fused C kernel on CPU when a compiler exists), and the same
+pair for the optimizer-step table.
 """
 
 from __future__ import annotations
@@ -51,14 +55,16 @@ def bench_layer(args) -> None:
     dense = [p for p in mem.parameters() if p.requires_grad]
     mem_opt = torch.optim.AdamW(dense, lr=1e-4)
     value_opt = SparseAdam([mem.values], lr=1e-3)
+    torch_opt = SparseAdam([mem.values], lr=1e-3)  # same table, own state: the torch-op path
+    torch_opt.native = False
     touched = []
 
-    def pkm_step() -> None:
+    def pkm_step(opt: SparseAdam = value_opt) -> None:
         res = mem(x)
         res.output.backward(grad_out)
         touched.append(mem.values.sparse_grad.rows.numel())
         mem_opt.step()
-        value_opt.step()
+        opt.step()
         mem_opt.zero_grad(set_to_none=True)
         x.grad = None
 
@@ -72,11 +78,17 @@ def bench_layer(args) -> None:
         x.grad = None
 
     # interleave the two so a burst of load from other processes hits both alike
-    pkm_w, pkm_c, ffn_w, ffn_c = [], [], [], []
+    pkm_w, pkm_c, ffn_w, ffn_c, tor_w, tor_c = [], [], [], [], [], []
+    torch_step = lambda: pkm_step(torch_opt)  # noqa: E731
     pkm_step(), ffn_step()  # warm-up (optimizer state allocation, allocator)
+    if args.compare_torch_adam:
+        torch_step()
     for _ in range(args.iters):
         w, c = timed(pkm_step, 1, warmup=0)
         pkm_w.append(w), pkm_c.append(c)
+        if args.compare_torch_adam:
+            w, c = timed(torch_step, 1, warmup=0)
+            tor_w.append(w), tor_c.append(c)
         w, c = timed(ffn_step, 1, warmup=0)
         ffn_w.append(w), ffn_c.append(c)
     pw, pc = statistics.median(pkm_w), statistics.median(pkm_c)
@@ -89,6 +101,13 @@ def bench_layer(args) -> None:
     print(f"{'PKM fwd+bwd+update':28s}{pw * 1e3:10.1f}{pc * 1e3:10.1f}")
     print(f"{'FFN fwd+bwd+update':28s}{fw * 1e3:10.1f}{fc * 1e3:10.1f}")
     print(f"{'PKM / FFN':28s}{pw / fw:10.2f}{pc / fc:10.2f}")
+    if args.compare_torch_adam:
+        tw, tc = statistics.median(tor_w), statistics.median(tor_c)
+        print(f"{'PKM, torch-op SparseAdam':28s}{tw * 1e3:10.1f}{tc * 1e3:10.1f}")
+        print(f"{'  / FFN':28s}{tw / fw:10.2f}{tc / fc:10.2f}")
+    from pkm.sparse_adam import native_available
+
+    print(f"SparseAdam fused C kernel: {'on' if value_opt.native and native_available() else 'off'}")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -119,6 +138,12 @@ def bench_value_step(args) -> None:
 
         sw, sc = timed(sparse_step, args.iters)
         base = base or sw
+        torch_txt = ""
+        if args.compare_torch_adam:
+            opt.native = False
+            tw, tc = timed(sparse_step, args.iters)
+            opt.native = True
+            torch_txt = f"   torch-op path {tw * 1e3:.1f} ms (cpu {tc * 1e3:.1f})"
         del opt
         dense_txt = "-", "-"
         # dense Adam needs param + grad + 2 moments; run it only where it fits comfortably
@@ -133,7 +158,7 @@ def bench_value_step(args) -> None:
         else:
             dense_txt = f"skip ({need / 2**30:.0f} GB)", "-"
         print(f"{num_rows:>10d}{num_rows * d * 4 / 2**30:10.2f}{sw * 1e3:11.1f}{sc * 1e3:10.1f}"
-              f"{dense_txt[0]:>15s}{dense_txt[1]:>10s}")
+              f"{dense_txt[0]:>15s}{dense_txt[1]:>10s}{torch_txt}")
         del table
     print("(sparse step time ratio t(1024^2)/t(128^2) is printed by the rows above: compare column 3)")
 
@@ -162,6 +187,8 @@ def main() -> None:
     ap.add_argument("--skip-opt", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one PKM step")
+    ap.add_argument("--compare-torch-adam", action="store_true",
+                    help="also time the PKM step / value step with SparseAdam's torch-op path, interleaved")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -102,7 +102,7 @@ def stage_tasks(out: str, args: argparse.Namespace) -> dict:
     built = write_heldout_tasks(docs, os.path.join(out, "tasks"), seed=SEED)
     # The quick form (test suite) keeps a few dozen examples so finetuning takes seconds.
     kept = _trim_tasks(os.path.join(out, "tasks"), max_pairs=32 if args.quick else 600,
-                       max_questions=24 if args.quick else 360)
+                       max_questions=24 if args.quick else 240)
     return {"built": built, "kept": kept}
 
 
@@ -145,7 +145,8 @@ def stage_finetune(out: str, args: argparse.Namespace) -> dict:
         pairs = run_glue_task("mrpc", output=os.path.join(out, "finetune", name, "pairs"), data=glue_dir,
                               lr=5e-5, max_seq_length=64, **common)
         qa = run_squad("squad", output=os.path.join(out, "finetune", name, "qa"), data=squad_dir,
-                       lr=1e-4, max_seq_length=96 if args.quick else 128, doc_stride=32 if args.quick else 48,
+                       lr=1e-4, max_seq_length=96 if args.quick else 128, max_query_length=32 if args.quick else 48,
+                       doc_stride=24 if args.quick else 32,
                        **common)
         results[name] = {"pairs": pairs.get("metrics", pairs), "qa": qa.get("metrics", qa)}
     return results
