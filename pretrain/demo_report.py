@@ -109,16 +109,19 @@ def _fmt(value: Any) -> str:
 
 
 def _metric_table(finetune: dict) -> list[str]:
-    lines = ["| model | task | metric | value |", "|---|---|---|---|"]
-    for model, tasks in finetune.items():
-        if not isinstance(tasks, dict):
-            continue
-        for task, metrics in tasks.items():
+    """One row per (task, metric), one column per model, so the memory model sits beside the baseline."""
+    models = [m for m, tasks in finetune.items() if isinstance(tasks, dict)]
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for model in models:
+        for task, metrics in finetune[model].items():
             if not isinstance(metrics, dict):
                 continue
             for name, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    lines.append(f"| {model} | {task} | {name} | {_fmt(value)} |")
+                if isinstance(value, (int, float)) and not name.startswith(("NoAns", "HasAns")):
+                    rows.setdefault((task, name), {})[model] = value
+    lines = ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for (task, name), values in rows.items():
+        lines.append(f"| {task} | {name} | " + " | ".join(_fmt(values.get(m, "")) for m in models) + " |")
     return lines
 
 
@@ -169,7 +172,9 @@ def write_report(out: str, stages: dict[str, dict], quick: bool = False) -> dict
         for key in sorted(last):
             if key.startswith(("mlm_", "loss", "memory")) or "memory/" in key:
                 lines.append(f"- eval {key} (step {last['step']}): {_fmt(last[key])}")
-    lines += ["", "## Finetuning (dev sets)", ""] + _metric_table(stages.get("finetune", {}))
+    lines += ["", "## Finetuning (dev sets)", "",
+              "Pair task: accuracy and F1 as fractions; QA: exact match and F1 in percent (SQuAD's evaluation).",
+              ""] + _metric_table(stages.get("finetune", {}))
     lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in plots.items()]
     if quick:
         lines += ["", "_Quick form (test suite): few steps and trimmed tasks; the numbers only show the path works._"]

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 _ANSWER_CANDIDATE = re.compile(r"\b(?:\d[\d,.]*\d|\d|[A-Z][a-z]{2,}(?:\s[A-Z][a-z]{2,})*)\b")
+# Capitalised words that are no entity (mid-sentence after a quote or bracket); SQuAD's answer
+# normalisation would also reduce the articles to nothing.
+_NOT_AN_ANSWER = {"the", "a", "an", "this", "that", "these", "those", "it", "its", "he", "she", "they", "his", "her"}
 MIN_SENTENCE_WORDS = 5
 MAX_SENTENCE_CHARS = 400
 
@@ -74,7 +77,8 @@ def build_cloze_qa(documents: list[Document], rng: random.Random, sentences_per_
             qas = []
             for sent_index, sentence in enumerate(chunk):
                 # Skip the sentence's first word: a capitalised sentence start is no named entity.
-                candidates = [m for m in _ANSWER_CANDIDATE.finditer(sentence) if m.start() > 0]
+                candidates = [m for m in _ANSWER_CANDIDATE.finditer(sentence)
+                              if m.start() > 0 and m.group(0).lower() not in _NOT_AN_ANSWER]
                 if not candidates:
                     continue
                 match = rng.choice(candidates)
