@@ -39,6 +39,7 @@ from tqdm import tqdm
 from data_prep import cleaning, tokenization
 from data_prep.readers import RawDoc, Skip, expand_inputs, iter_documents
 from data_prep.shards import FORMAT_VERSION, ShardReader, ShardWriter, dtype_for_vocab
+from pkm.atomic_io import write_json_atomic
 
 log = logging.getLogger("data_prep")
 
@@ -61,13 +62,7 @@ def load_manifest(out_dir: str | os.PathLike) -> dict:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1, sort_keys=True)
 
 
 def _is_validation(doc_ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:

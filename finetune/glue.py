@@ -21,7 +21,9 @@ from finetune.config import FinetuneConfig
 from finetune.metrics import glue_metrics, task_score
 from finetune.tasks import GLUE_TASKS, GlueTask, get_task
 from finetune.trainer import (model_inputs, predict, register_pkm_models, resolve_device, set_seed,
-                              train, write_json_atomic)
+                              train)
+
+from pkm.atomic_io import write_json_atomic
 
 log = logging.getLogger(__name__)
 

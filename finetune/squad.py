@@ -21,7 +21,9 @@ from finetune.squad_data import gold_answers, load_squad
 from finetune.squad_features import check_lengths, postprocess_predictions, prepare_features
 from finetune.tasks import SquadTask, get_task
 from finetune.trainer import (model_inputs, predict, register_pkm_models, resolve_device, set_seed,
-                              train, write_json_atomic)
+                              train)
+
+from pkm.atomic_io import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from finetune.config import FinetuneConfig, config_fields
 from finetune.tasks import GLUE_TASKS, canonical_task_name, get_task
-from finetune.trainer import write_json_atomic
+from pkm.atomic_io import write_json_atomic
 
 log = logging.getLogger(__name__)
 

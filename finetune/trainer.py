@@ -8,12 +8,9 @@ gradients and the tables' sparse gradients, so both are scaled by the same facto
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -48,23 +45,6 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available; use --device cpu.")
     return device
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------- models

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from pkm.atomic_io import write_json_atomic
 import torch.distributed as dist
 
 from pkm.sharded_values import ShardedValueTable, column_bounds
@@ -77,20 +79,6 @@ def _atomic_torch_save(obj: object, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # readers see the old file or the complete new one, never a partial one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_json(obj: object, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -175,7 +163,7 @@ def save_value_shards(
             "tables": meta_tables,
             "optimizer": _hyperparams(optimizer),
         }
-        _atomic_write_json(meta, os.path.join(directory, META_FILE))
+        write_json_atomic(os.path.join(directory, META_FILE), meta, sort_keys=True)
     if sharded and barrier:
         dist.barrier(group=group)
 
@@ -334,4 +322,4 @@ def reshard_value_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, wor
         "tables": {name: dict(info, bounds=[list(b) for b in bounds[name]]) for name, info in meta["tables"].items()},
         "optimizer": meta["optimizer"],
     }
-    _atomic_write_json(new_meta, os.path.join(dst, META_FILE))  # last: the folder is complete once it exists
+    write_json_atomic(os.path.join(dst, META_FILE), new_meta, sort_keys=True)  # last: the folder is complete once it exists

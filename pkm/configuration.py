@@ -7,7 +7,6 @@ meaning, so a BERT checkpoint's config.json can be extended field by field.
 
 from __future__ import annotations
 
-from dataclasses import field
 
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from pkm.checkpoint_values import load_full_values, load_value_shards, save_value_shards
+from pkm.atomic_io import write_json_atomic
 
 __all__ = [
     "TrainState",
@@ -194,14 +195,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _write_json(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     out_dir: str,
     step: int,
@@ -242,7 +235,7 @@ def save_checkpoint(
     torch.save(train_state.to_dict(), os.path.join(tmp, "train_state", f"rank_{rank:05d}.pt"))
     if rank == 0:
         for rel, obj in (extra_files or {}).items():
-            _write_json(os.path.join(tmp, rel), obj)
+            write_json_atomic(os.path.join(tmp, rel), obj)
         if model_config is not None:
             model_dir = os.path.join(tmp, "model")
             model_config.save_pretrained(model_dir)
@@ -259,7 +252,7 @@ def save_checkpoint(
             "tokens_seen": train_state.tokens_seen,
             "value_tables": {n: {"num_rows": int(t.num_rows), "dim": int(t.dim)} for n, t in tables.items()},
         }
-        _write_json(os.path.join(tmp, "meta.json"), meta)
+        write_json_atomic(os.path.join(tmp, "meta.json"), meta)
         os.replace(tmp, final)
         latest_tmp = os.path.join(root, "latest.tmp")
         with open(latest_tmp, "w", encoding="utf-8") as f:

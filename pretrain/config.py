@@ -24,6 +24,8 @@ import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pkm.atomic_io import write_json_atomic
+
 __all__ = [
     "ModelConfig",
     "DataConfig",
@@ -348,8 +350,4 @@ def load_config(path: str | None, overrides: list[tuple[str, Any]] | None = None
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config_to_dict(cfg), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, config_to_dict(cfg))

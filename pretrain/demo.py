@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from pkm.atomic_io import write_json_atomic
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 HELDOUT_FRACTION = 0.2
@@ -264,12 +266,8 @@ def _load_stage(out: str, name: str) -> dict:
 
 
 def _save_stage(out: str, name: str, result: dict) -> None:
-    path = _stage_file(out, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, default=str)
-    os.replace(tmp, path)  # the marker appears only once the stage's outputs are complete
+    # Atomic, and written only once the stage's outputs are complete: the marker means "done".
+    write_json_atomic(_stage_file(out, name), result)
 
 
 def run_demo(args: argparse.Namespace) -> str:

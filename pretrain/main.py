@@ -451,11 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _single_process_env()
+    import torch.distributed as dist
+
     try:
         run(prep)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # gloo can abort a rank whose peer tears the group down under it
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
