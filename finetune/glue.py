@@ -20,9 +20,7 @@ from finetune.batching import Rows, eval_loader, steps_per_epoch, train_loader_f
 from finetune.config import FinetuneConfig
 from finetune.metrics import glue_metrics, task_score
 from finetune.tasks import GLUE_TASKS, GlueTask, get_task
-from finetune.trainer import (model_inputs, predict, register_pkm_models, resolve_device, set_seed,
-                              train)
-
+from finetune.trainer import model_inputs, predict, register_pkm_models, start_run, train
 from pkm.atomic_io import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -94,26 +92,13 @@ def write_submission(task: GlueTask, path: str, idx: list[int], preds: np.ndarra
 
 def run_glue(cfg: FinetuneConfig) -> dict[str, Any]:
     """Finetune cfg.model on the GLUE task cfg.task; returns (and writes) the result dict."""
-    from transformers import AutoTokenizer
-
     t_start = time.time()
     task = get_task(cfg.task)
     if not isinstance(task, GlueTask):
         raise ValueError(f"{cfg.task} is not a GLUE task; use finetune.run_squad.")
     cfg.validate()
     data = glue_data.load_glue(task, cfg.data)            # data errors before loading the model
-    if cfg.max_train_samples:
-        data["train"] = data["train"].select(range(min(cfg.max_train_samples, len(data["train"]))))
-    if cfg.max_eval_samples:
-        for s in task.dev_splits:
-            data[s] = data[s].select(range(min(cfg.max_eval_samples, len(data[s]))))
-    os.makedirs(cfg.output, exist_ok=True)
-    write_json_atomic(os.path.join(cfg.output, "finetune_config.json"), cfg.to_dict())
-
-    set_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device, tokenizer, pad_id = start_run(cfg, data, task.dev_splits)
     train_rows = tokenize_split(tokenizer, task, data["train"], cfg.max_seq_length, True,
                                 progress=cfg.progress)
     model = load_classifier(cfg.model, task).to(device)

@@ -20,9 +20,7 @@ from finetune.metrics import squad_evaluate, task_score
 from finetune.squad_data import gold_answers, load_squad
 from finetune.squad_features import check_lengths, postprocess_predictions, prepare_features
 from finetune.tasks import SquadTask, get_task
-from finetune.trainer import (model_inputs, predict, register_pkm_models, resolve_device, set_seed,
-                              train)
-
+from finetune.trainer import model_inputs, predict, register_pkm_models, start_run, train
 from pkm.atomic_io import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -48,8 +46,6 @@ def _span_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, tor
 
 def run_squad_config(cfg: FinetuneConfig) -> dict[str, Any]:
     """Finetune cfg.model on SQuAD (cfg.task "squad" or "squad_v2"); returns and writes the result."""
-    from transformers import AutoTokenizer
-
     t_start = time.time()
     task = get_task(cfg.task)
     if not isinstance(task, SquadTask):
@@ -57,18 +53,7 @@ def run_squad_config(cfg: FinetuneConfig) -> dict[str, Any]:
     cfg.validate()
     check_lengths(cfg.max_seq_length, cfg.max_query_length, cfg.doc_stride)
     data = load_squad(task, cfg.data)
-    if cfg.max_train_samples:
-        data["train"] = data["train"].select(range(min(cfg.max_train_samples, len(data["train"]))))
-    if cfg.max_eval_samples:
-        data["validation"] = data["validation"].select(
-            range(min(cfg.max_eval_samples, len(data["validation"]))))
-    os.makedirs(cfg.output, exist_ok=True)
-    write_json_atomic(os.path.join(cfg.output, "finetune_config.json"), cfg.to_dict())
-
-    set_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device, tokenizer, pad_id = start_run(cfg, data, ["validation"])
     train_ds, dev_ds = data["train"], data["validation"]
     train_feats = prepare_features(tokenizer, train_ds["question"], train_ds["context"],
                                    train_ds["answers"], cfg.max_seq_length, cfg.doc_stride,

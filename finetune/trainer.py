@@ -70,6 +70,31 @@ def value_tables(model: torch.nn.Module) -> list:
 # --------------------------------------------------------------------------------- optimizers
 
 
+def start_run(cfg: FinetuneConfig, data: dict, eval_splits: Iterable[str]) -> tuple[torch.device, Any, int]:
+    """What every GLUE/SQuAD run does once its data loaded: cap the splits (max_train_samples,
+    max_eval_samples; in place), write the run's config, seed, pick the device and load the model
+    folder's tokenizer. Returns (device, tokenizer, pad token id)."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from pkm.atomic_io import write_json_atomic
+
+    def first(split: str, n: int | None) -> None:
+        if n:
+            data[split] = data[split].select(range(min(n, len(data[split]))))
+
+    first("train", cfg.max_train_samples)
+    for split in eval_splits:
+        first(split, cfg.max_eval_samples)
+    os.makedirs(cfg.output, exist_ok=True)
+    write_json_atomic(os.path.join(cfg.output, "finetune_config.json"), cfg.to_dict())
+    set_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return resolve_device(cfg.device), tokenizer, pad_id
+
+
 def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:

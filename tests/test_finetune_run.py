@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-import torch
 
 import finetune
 from finetune.__main__ import main as cli_main
@@ -15,14 +14,7 @@ from finetune.tasks import GLUE_TASKS
 from finetune.testing import make_tiny_bert, write_keyword_sst2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread
-    pool's synchronisation makes every step many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -134,17 +126,6 @@ def test_cli_one_run_and_clear_errors(tiny_model, keyword_data, tmp_path, capsys
     assert "--model" in capsys.readouterr().err
 
 
-def _pkm_available() -> bool:
-    try:
-        import pkm.modeling  # noqa: F401
-        import pkm.presets  # noqa: F401
-        import pkm.sparse_adam  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _pkm_available(), reason="pkm.modeling not available")
 @pytest.mark.parametrize("freeze", [False, True])
 def test_pkm_model_finetunes_values_with_sparse_adam_or_frozen(tiny_model, keyword_data, tmp_path,
                                                                freeze):

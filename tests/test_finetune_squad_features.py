@@ -2,21 +2,13 @@
 span decoding with the v2.0 null-score threshold, on hand-made logits."""
 import numpy as np
 import pytest
-import torch
 
 from finetune.squad_features import (QaFeatures, check_lengths, postprocess_predictions,
                                      prepare_features)
 from finetune.testing import make_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread
-    pool's synchronisation makes every step many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 WORDS = [f"w{i}" for i in range(60)]

@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from finetune import sweep
 from finetune.__main__ import build_parser
@@ -14,14 +13,7 @@ from finetune.config import FinetuneConfig
 from finetune.testing import make_tiny_bert, write_keyword_sst2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread
-    pool's synchronisation makes every step many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 FIX_GLUE = os.path.join(os.path.dirname(__file__), "fixtures", "glue")
