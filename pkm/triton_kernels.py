@@ -1,0 +1,294 @@
+"""Triton kernels for the value path on GPUs: lookup forward, fused lookup backward, sparse Adam.
+
+Why kernels of our own (issue "GPU speed of the memory layer"): the torch-op path runs each step as
+a dozen ATen calls (embedding-bag forward, its per-sample-weights backward, a second bag over the
+output gradient for the value gradient, index_select / index_copy / lerp / addcmul / div for Adam),
+and each call is another full pass over the touched rows. The value side is memory bound, so the
+passes *are* the cost. Here:
+
+* ``bag_forward``: out[t] = sum_k w[t, k] * V[idx[t, k]], token-major, fp32 accumulation, the result
+  written once in the activation dtype (one read of each looked-up row; no [T, K, d] gather).
+* ``row_grouped_backward``: one pass over the lookups grouped by row (one sort per step, shared with
+  nothing else). For each distinct row r it reads V[r] *once*, and for each lookup (t, k) of r it reads
+  grad_out[t] (small, [T, d], mostly L2-resident) to produce both gradients at once:
+    value grad  G[r]     = sum_(t,k) w[t, k] * grad_out[t]            -> [U, d] fp32, coalesced
+    score grad  dw[t, k] = <grad_out[t], V[r]>                         -> [T*K] fp32
+  so the table is read once per distinct row instead of once per lookup (~9x less at BERT-large
+  shape), and the ATen backward's two separate passes become one. Deterministic: every row's sum is
+  taken in the (stable) sorted order by a single program, no atomics.
+* ``gather_dots``: dw[t, k] = <x[t], V[idx[t, k]]>, token-major (the sub-key scores of
+  ``pkm.memory``, where the table is small and cache resident, so grouping by row does not pay).
+* ``sparse_adam_rows``: one pass per touched row: read weight, both moments and the gradient, write
+  three back, with ``SparseAdam``'s torch-path arithmetic (lerp as ATen's fma form, ``v*b2 + (omb2*g)*g``
+  as one fma, correctly rounded sqrt and division), so the moments are bitwise equal to the torch path
+  and the weight within an ulp. The per-row bias corrections come in precomputed by the same torch
+  expressions the torch path uses.
+
+All kernels take fp32 tables (the master weights) and fp32, bf16 or fp16 activations, any number of
+columns (masked, not only powers of two; a column shard of a sharded table is just a narrower table
+with its own row stride), and work with zero tokens (the wrappers return before launching).
+Addresses are computed in int64, so tables beyond 2^31 elements are fine.
+
+Triton is optional: ``available()`` says whether it imports. With ``TRITON_INTERPRET=1`` (set by the
+test suite on machines without CUDA) the same kernels run on CPU tensors through Triton's interpreter;
+that is how CI checks them against the torch path. Written for Triton 3.6 (CUDA images) and 3.9.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # optional dependency: CPU installs may lack it; then the torch-op path runs
+    import triton
+    import triton.language as tl
+except Exception as _e:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    _IMPORT_ERROR: str | None = f"{type(_e).__name__}: {_e}"
+else:
+    _IMPORT_ERROR = None
+
+__all__ = [
+    "available",
+    "import_error",
+    "bag_forward",
+    "gather_dots",
+    "row_grouped_backward",
+    "sparse_adam_rows",
+]
+
+
+def available() -> bool:
+    """Whether Triton imported (kernels can run on CUDA tensors, or on CPU under the interpreter)."""
+    return triton is not None
+
+
+def import_error() -> str | None:
+    return _IMPORT_ERROR
+
+
+def _col_block(cols: int, cap: int) -> int:
+    return min(cap, triton.next_power_of_2(max(cols, 1)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _bag_forward_kernel(
+        weight_ptr, idx_ptr, wts_ptr, out_ptr,
+        n_lookups, cols, w_stride, out_stride,
+        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # program (t, column block): out[t, block] = sum_k wts[t, k] * weight[idx[t, k], block]
+        t = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs_d < cols
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k0 in range(0, n_lookups, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kmask = offs_k < n_lookups
+            rows = tl.load(idx_ptr + t * n_lookups + offs_k, mask=kmask, other=0).to(tl.int64)
+            a = tl.load(wts_ptr + t * n_lookups + offs_k, mask=kmask, other=0.0).to(tl.float32)
+            tile = tl.load(
+                weight_ptr + rows[:, None] * w_stride + offs_d[None, :],
+                mask=kmask[:, None] & dmask[None, :], other=0.0,
+            ).to(tl.float32)  # [BLOCK_K, BLOCK_D]
+            acc += tl.sum(tile * a[:, None], axis=0)
+        tl.store(out_ptr + t * out_stride + offs_d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+
+    @triton.jit
+    def _gather_dots_kernel(
+        table_ptr, idx_ptr, x_ptr, out_ptr,
+        n_lookups, cols, t_stride, x_stride,
+        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # program (t, lookup block): out[t, k] = <x[t], table[idx[t, k]]>
+        t = tl.program_id(0).to(tl.int64)
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = offs_k < n_lookups
+        rows = tl.load(idx_ptr + t * n_lookups + offs_k, mask=kmask, other=0).to(tl.int64)
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for c0 in range(0, cols, BLOCK_D):
+            offs_d = c0 + tl.arange(0, BLOCK_D)
+            dmask = offs_d < cols
+            x = tl.load(x_ptr + t * x_stride + offs_d, mask=dmask, other=0.0).to(tl.float32)
+            tile = tl.load(
+                table_ptr + rows[:, None] * t_stride + offs_d[None, :],
+                mask=kmask[:, None] & dmask[None, :], other=0.0,
+            ).to(tl.float32)  # [BLOCK_K, BLOCK_D]
+            acc += tl.sum(tile * x[None, :], axis=1)
+        tl.store(out_ptr + t * n_lookups + offs_k, acc, mask=kmask)
+
+    @triton.jit
+    def _row_grouped_kernel(
+        table_ptr, rows_ptr, offsets_ptr, perm_ptr, wts_ptr, g_ptr, grad_ptr, dots_ptr,
+        n_lookups, cols, t_stride, g_stride, grad_stride,
+        COMPUTE_DOTS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # program u: the lookups [offsets[u], offsets[u+1]) of distinct row rows[u], all columns.
+        # One program owns each row and each of its lookups' dot slots, so no atomics: the sums are
+        # taken in sorted-lookup order, the same every run (bitwise-reproducible training).
+        u = tl.program_id(0).to(tl.int64)
+        start = tl.load(offsets_ptr + u)
+        end = tl.load(offsets_ptr + u + 1)
+        r = tl.load(rows_ptr + u).to(tl.int64)
+        for c0 in range(0, cols, BLOCK_D):
+            offs_d = c0 + tl.arange(0, BLOCK_D)
+            dmask = offs_d < cols
+            if COMPUTE_DOTS:
+                vrow = tl.load(table_ptr + r * t_stride + offs_d, mask=dmask, other=0.0).to(tl.float32)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for j0 in range(start, end, BLOCK_J):
+                offs_j = j0 + tl.arange(0, BLOCK_J)
+                jmask = offs_j < end
+                pos = tl.load(perm_ptr + offs_j, mask=jmask, other=0).to(tl.int64)  # flat t * K + k
+                tok = pos // n_lookups
+                a = tl.load(wts_ptr + pos, mask=jmask, other=0.0).to(tl.float32)
+                gt = tl.load(
+                    g_ptr + tok[:, None] * g_stride + offs_d[None, :],
+                    mask=jmask[:, None] & dmask[None, :], other=0.0,
+                ).to(tl.float32)  # [BLOCK_J, BLOCK_D]
+                acc += tl.sum(gt * a[:, None], axis=0)
+                if COMPUTE_DOTS:
+                    part = tl.sum(gt * vrow[None, :], axis=1)  # [BLOCK_J], this column chunk's share
+                    prev = tl.load(dots_ptr + pos, mask=jmask, other=0.0)
+                    tl.store(dots_ptr + pos, prev + part, mask=jmask)
+            tl.store(grad_ptr + u * grad_stride + offs_d, acc, mask=dmask)
+
+    @triton.jit
+    def _sparse_adam_kernel(
+        w_ptr, m_ptr, v_ptr, g_ptr, rows_ptr, step_size_ptr, bc2s_ptr,
+        cols, w_stride, m_stride, v_stride, g_stride,
+        omb1, omb2, beta2, eps, lrwd,
+        HAS_WD: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # program (u, column block): Adam on row rows[u]; the same formulas as SparseAdam._update_rows
+        u = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = offs < cols
+        r = tl.load(rows_ptr + u).to(tl.int64)
+        step_size = tl.load(step_size_ptr + u)
+        bc2s = tl.load(bc2s_ptr + u)
+        g = tl.load(g_ptr + u * g_stride + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + r * m_stride + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + r * v_stride + offs, mask=mask, other=0.0)
+        w = tl.load(w_ptr + r * w_stride + offs, mask=mask, other=0.0)
+        m = tl.fma(omb1, g - m, m)  # m.lerp_(g, 1 - beta1), ATen's weight < 0.5 form
+        v = tl.fma(omb2 * g, g, v * beta2)  # v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2s) + eps
+        upd = tl.div_rn(m, denom) * step_size
+        if HAS_WD:
+            upd = tl.fma(w, lrwd, upd)  # decoupled decay folded into the step, as the torch path
+        tl.store(m_ptr + r * m_stride + offs, m, mask=mask)
+        tl.store(v_ptr + r * v_stride + offs, v, mask=mask)
+        tl.store(w_ptr + r * w_stride + offs, w - upd, mask=mask)
+
+
+def _check_table(table: torch.Tensor) -> None:
+    if table.dim() != 2 or table.stride(1) != 1:
+        raise ValueError(f"kernels need a 2-D table with unit column stride, got shape {tuple(table.shape)} "
+                         f"and strides {table.stride()}.")
+
+
+def bag_forward(weight: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k weights[t, k] * weight[indices[t, k]]  ->  [T, cols] in ``weights.dtype``."""
+    _check_table(weight)
+    t, k = indices.shape
+    cols = weight.shape[1]
+    out = torch.empty(t, cols, dtype=weights.dtype, device=weight.device)
+    if t == 0 or k == 0:
+        return out.zero_()
+    idx, wts = indices.contiguous(), weights.contiguous()
+    block_d = _col_block(cols, 256)
+    grid = (t, triton.cdiv(cols, block_d))
+    _bag_forward_kernel[grid](weight, idx, wts, out, k, cols, weight.stride(0), out.stride(0),
+                              BLOCK_K=16, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def gather_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """out[t, k] = <x[t], table[indices[t, k]]>  ->  [T, K] fp32."""
+    _check_table(table)
+    t, k = indices.shape
+    cols = table.shape[1]
+    out = torch.empty(t, k, dtype=torch.float32, device=table.device)
+    if t == 0 or k == 0:
+        return out
+    idx, x = indices.contiguous(), x.contiguous()
+    block_k = min(32, triton.next_power_of_2(k))
+    block_d = _col_block(cols, 128)
+    grid = (t, triton.cdiv(k, block_k))
+    _gather_dots_kernel[grid](table, idx, x, out, k, cols, table.stride(0), x.stride(0),
+                              BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def row_grouped_backward(
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    offsets: torch.Tensor,
+    perm: torch.Tensor,
+    weights: torch.Tensor,
+    grad_out: torch.Tensor,
+    compute_dots: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Both lookup gradients in one pass over the lookups grouped by row.
+
+    rows [U] distinct rows; offsets [U + 1] start of each row's lookups in sorted order (last = T*K);
+    perm [T*K] flat position t*K + k of each sorted lookup; weights [T, K]; grad_out [T, cols].
+    Returns (value grad [U, cols] fp32, score grad [T, K] fp32 or None).
+    """
+    _check_table(table)
+    t, k = weights.shape
+    cols = table.shape[1]
+    num_rows = rows.numel()
+    grad = torch.empty(num_rows, cols, dtype=torch.float32, device=table.device)
+    # each column chunk adds its partial dot into the slot: start from zero
+    dots = torch.zeros(t * k, dtype=torch.float32, device=table.device) if compute_dots else None
+    if num_rows == 0:
+        return grad, (dots.view(t, k) if dots is not None else None)
+    g = grad_out.contiguous()
+    wts = weights.contiguous()
+    block_d = _col_block(cols, 1024)
+    _row_grouped_kernel[(num_rows,)](
+        table, rows, offsets, perm, wts, g, grad, dots if dots is not None else grad,
+        k, cols, table.stride(0), g.stride(0), grad.stride(0),
+        COMPUTE_DOTS=compute_dots, BLOCK_J=8, BLOCK_D=block_d, num_warps=8 if block_d >= 1024 else 4,
+    )
+    return grad, (dots.view(t, k) if dots is not None else None)
+
+
+def sparse_adam_rows(
+    weight: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad: torch.Tensor,
+    rows: torch.Tensor,
+    step_size: torch.Tensor,
+    bias2_sqrt: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    lr_wd: float,
+) -> None:
+    """In-place Adam on ``rows`` (unique) of weight / exp_avg / exp_avg_sq from grad [U, cols] fp32.
+
+    step_size [U] = lr / bias_correction1 and bias2_sqrt [U] = sqrt(bias_correction2), fp32, computed
+    by the caller with the torch path's own expressions; lr_wd = lr * weight_decay (0: no decay).
+    """
+    for name, ten in (("weight", weight), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _check_table(ten)
+        if ten.dtype != torch.float32:
+            raise ValueError(f"sparse Adam kernel needs fp32 {name}, got {ten.dtype}.")
+    num_rows, cols = rows.numel(), weight.shape[1]
+    if num_rows == 0:
+        return
+    g = grad.contiguous()
+    block_d = _col_block(cols, 1024)
+    grid = (num_rows, triton.cdiv(cols, block_d))
+    _sparse_adam_kernel[grid](
+        weight, exp_avg, exp_avg_sq, g, rows.contiguous(), step_size.contiguous(), bias2_sqrt.contiguous(),
+        cols, weight.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0), g.stride(0),
+        1.0 - beta1, 1.0 - beta2, beta2, eps, lr_wd,
+        HAS_WD=lr_wd != 0.0, BLOCK_D=block_d, num_warps=4 if block_d >= 512 else 2,
+    )
