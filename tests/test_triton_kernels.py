@@ -195,10 +195,11 @@ def test_triton_switch(monkeypatch):
     an explicit attribute wins, and forcing kernels on CPU without the interpreter is an error."""
     from pkm.values import triton_enabled
 
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     cpu = torch.zeros(1)
     assert triton_enabled(cpu, None) is False
     assert triton_enabled(cpu, False) is False
-    assert triton_enabled(cpu, True) is True  # TRITON_INTERPRET=1 in this suite
+    assert triton_enabled(cpu, True) is True
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         triton_enabled(cpu, True)
