@@ -5,7 +5,7 @@
 # Logs and JSON go to ${OUT:-gpu_out}.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 timeout 240 python3 -m pytest -q -x tests/test_triton_gpu.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/kernel_tests.log" | tail -15

@@ -19,9 +19,10 @@ passes *are* the cost. Here:
 * ``gather_dots``: dw[t, k] = <x[t], V[idx[t, k]]>, token-major (the sub-key scores of
   ``pkm.memory``, where the table is small and cache resident, so grouping by row does not pay).
 * ``sparse_adam_rows``: one pass per touched row: read weight, both moments and the gradient, write
-  three back, with ``SparseAdam``'s torch-path arithmetic (lerp as ATen's fma form, ``v*b2 + (omb2*g)*g``
-  as one fma, correctly rounded sqrt and division), so the moments are bitwise equal to the torch path
-  and the weight within an ulp. The per-row bias corrections come in precomputed by the same torch
+  three back, with ``SparseAdam``'s torch-path arithmetic (lerp as ATen's fma form, addcmul rounded as
+  ATen's kernel for that device rounds it, correctly rounded sqrt and division), so the moments are
+  bitwise equal to the torch path and the weight within an ulp (Triton may contract the final
+  multiply-subtract into an fma). The per-row bias corrections come in precomputed by the same torch
   expressions the torch path uses.
 
 All kernels take fp32 tables (the master weights) and fp32, bf16 or fp16 activations, any number of
@@ -160,7 +161,7 @@ if triton is not None:
         w_ptr, m_ptr, v_ptr, g_ptr, rows_ptr, step_size_ptr, bc2s_ptr,
         cols, w_stride, m_stride, v_stride, g_stride,
         omb1, omb2, beta2, eps, lrwd,
-        HAS_WD: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_WD: tl.constexpr, CUDA_ADDCMUL: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # program (u, column block): Adam on row rows[u]; the same formulas as SparseAdam._update_rows
         u = tl.program_id(0).to(tl.int64)
@@ -174,7 +175,12 @@ if triton is not None:
         v = tl.load(v_ptr + r * v_stride + offs, mask=mask, other=0.0)
         w = tl.load(w_ptr + r * w_stride + offs, mask=mask, other=0.0)
         m = tl.fma(omb1, g - m, m)  # m.lerp_(g, 1 - beta1), ATen's weight < 0.5 form
-        v = tl.fma(omb2 * g, g, v * beta2)  # v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        # v.mul_(beta2).addcmul_(g, g, value=1 - beta2), rounded as ATen's kernel on that device does:
+        # CUDA computes a + alpha * (b * c), the CPU kernels (a + alpha * b) * c in one fma
+        if CUDA_ADDCMUL:
+            v = tl.fma(omb2, g * g, v * beta2)
+        else:
+            v = tl.fma(omb2 * g, g, v * beta2)
         denom = tl.div_rn(tl.sqrt_rn(v), bc2s) + eps
         upd = tl.div_rn(m, denom) * step_size
         if HAS_WD:
@@ -290,5 +296,5 @@ def sparse_adam_rows(
         weight, exp_avg, exp_avg_sq, g, rows.contiguous(), step_size.contiguous(), bias2_sqrt.contiguous(),
         cols, weight.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0), g.stride(0),
         1.0 - beta1, 1.0 - beta2, beta2, eps, lr_wd,
-        HAS_WD=lr_wd != 0.0, BLOCK_D=block_d, num_warps=4 if block_d >= 512 else 2,
+        HAS_WD=lr_wd != 0.0, CUDA_ADDCMUL=weight.device.type == "cuda", BLOCK_D=block_d, num_warps=4 if block_d >= 512 else 2,
     )
