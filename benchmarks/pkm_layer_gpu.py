@@ -185,12 +185,35 @@ def bench_kernels(args, bandwidth: float) -> list[dict]:
         # name: (fn, bytes it must move)
         "bag_forward": (lambda: triton_kernels.bag_forward(table, idx, w),
                         lookups * (d * f32 + i64 + act) + tokens * d * act),
-        "row_grouped_backward": (
+        "row_grouped_backward (default launch, incl. segment plan)": (
             lambda: triton_kernels.row_grouped_backward(table, order.rows, offsets, order.perm, w, grad_out),
             uniq * (d * f32 + i64 + 2 * i64 + d * f32) + lookups * (i64 + act + d * act + 2 * f32)),
         "sort_lookups (torch)": (lambda: sort_lookups(idx), None),
         "sparse_adam (step)": (adam, uniq * (7 * d * f32 + i64 + 2 * f32)),
     }
+    # launch variants of the row-grouped backward (block_d, block_j, seg, num_warps): the value table
+    # with dots, and a sub-key-like table (128 columns, 4096 rows, ~1000 lookups per row) without
+    GL = triton_kernels.GroupedLaunch
+    for launch in (GL(256, 16, 64, 4), GL(128, 16, 64, 4), GL(256, 32, 128, 4), GL(512, 16, 64, 8),
+                   GL(256, 16, 32, 4), GL(1024, 8, 1 << 30, 8)):
+        kernels[f"row_grouped {tuple(launch)}"] = (
+            lambda launch=launch: triton_kernels.row_grouped_backward(
+                table, order.rows, offsets, order.perm, w, grad_out, True, launch),
+            uniq * (d * f32 + i64 + 2 * i64 + d * f32) + lookups * (i64 + act + d * act + 2 * f32))
+    sets, n, half = 2 * args.heads, args.n_keys, args.k_dim // 2
+    sk_idx = (torch.randint(0, n, (tokens * sets, args.knn), device="cuda")
+              + torch.arange(sets, device="cuda").repeat(tokens).unsqueeze(1) * n)
+    sk_w = torch.randn(tokens * sets, args.knn, device="cuda")
+    sk_rows = torch.randn(tokens * sets, half, device="cuda")
+    sk_order = sort_lookups(sk_idx)
+    sk_offsets = torch.cat([sk_order.offsets, sk_order.offsets.new_tensor([sk_idx.numel()])])
+    sk_table = torch.randn(sets * n, half, device="cuda")
+    for launch in (GL(128, 32, 64, 4), GL(128, 32, 256, 4), GL(128, 64, 128, 4), GL(64, 32, 64, 2),
+                   GL(128, 8, 1 << 30, 4)):
+        kernels[f"sub-key grad {tuple(launch)}"] = (
+            lambda launch=launch: triton_kernels.row_grouped_backward(
+                sk_table, sk_order.rows, sk_offsets, sk_order.perm, sk_w, sk_rows, False, launch),
+            sets * n * (half * f32 + i64) + sk_idx.numel() * (i64 + f32 + half * f32))
     out = []
     print(f"\n== value kernels alone: {tokens} tokens, bf16 activations, {lookups} lookups, "
           f"{uniq} distinct rows; copy bandwidth {bandwidth / 1e12:.2f} TB/s ==")

@@ -37,6 +37,8 @@ that is how CI checks them against the torch path. Written for Triton 3.6 (CUDA 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 try:  # optional dependency: CPU installs may lack it; then the torch-op path runs
@@ -121,40 +123,59 @@ if triton is not None:
         tl.store(out_ptr + t * n_lookups + offs_k, acc, mask=kmask)
 
     @triton.jit
-    def _row_grouped_kernel(
-        table_ptr, rows_ptr, offsets_ptr, perm_ptr, wts_ptr, g_ptr, grad_ptr, dots_ptr,
-        n_lookups, cols, t_stride, g_stride, grad_stride,
+    def _segment_grad_kernel(
+        table_ptr, seg_row_ptr, seg_start_ptr, seg_end_ptr, seg_dest_ptr, perm_ptr, wts_ptr, g_ptr,
+        out_ptr, dots_ptr,
+        n_lookups, total_lookups, cols, t_stride, g_stride, out_stride,
         COMPUTE_DOTS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        # program u: the lookups [offsets[u], offsets[u+1]) of distinct row rows[u], all columns.
-        # One program owns each row and each of its lookups' dot slots, so no atomics: the sums are
-        # taken in sorted-lookup order, the same every run (bitwise-reproducible training).
-        u = tl.program_id(0).to(tl.int64)
-        start = tl.load(offsets_ptr + u)
-        end = tl.load(offsets_ptr + u + 1)
-        r = tl.load(rows_ptr + u).to(tl.int64)
-        for c0 in range(0, cols, BLOCK_D):
-            offs_d = c0 + tl.arange(0, BLOCK_D)
-            dmask = offs_d < cols
+        # program (segment c, column block): the sorted lookups [start, end) of one table row.
+        # out[dest] = sum_j w_j * g[token_j] over the block's columns; with COMPUTE_DOTS each lookup's
+        # dot with the row over these columns goes to dots[column block, flat position]. Every
+        # output element has exactly one writer, so there are no atomics and the result is the same
+        # every run.
+        c = tl.program_id(0).to(tl.int64)
+        cb = tl.program_id(1)
+        offs_d = cb * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs_d < cols
+        start = tl.load(seg_start_ptr + c)
+        end = tl.load(seg_end_ptr + c)
+        if COMPUTE_DOTS:
+            r = tl.load(seg_row_ptr + c).to(tl.int64)
+            vrow = tl.load(table_ptr + r * t_stride + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j0 in range(start, end, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            jmask = offs_j < end
+            pos = tl.load(perm_ptr + offs_j, mask=jmask, other=0)  # flat t * K + k (< 2^31)
+            tok = (pos.to(tl.int32) // n_lookups).to(tl.int64)
+            a = tl.load(wts_ptr + pos, mask=jmask, other=0.0).to(tl.float32)
+            gt = tl.load(
+                g_ptr + tok[:, None] * g_stride + offs_d[None, :],
+                mask=jmask[:, None] & dmask[None, :], other=0.0,
+            ).to(tl.float32)  # [BLOCK_J, BLOCK_D]
+            acc += tl.sum(gt * a[:, None], axis=0)
             if COMPUTE_DOTS:
-                vrow = tl.load(table_ptr + r * t_stride + offs_d, mask=dmask, other=0.0).to(tl.float32)
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for j0 in range(start, end, BLOCK_J):
-                offs_j = j0 + tl.arange(0, BLOCK_J)
-                jmask = offs_j < end
-                pos = tl.load(perm_ptr + offs_j, mask=jmask, other=0).to(tl.int64)  # flat t * K + k
-                tok = pos // n_lookups
-                a = tl.load(wts_ptr + pos, mask=jmask, other=0.0).to(tl.float32)
-                gt = tl.load(
-                    g_ptr + tok[:, None] * g_stride + offs_d[None, :],
-                    mask=jmask[:, None] & dmask[None, :], other=0.0,
-                ).to(tl.float32)  # [BLOCK_J, BLOCK_D]
-                acc += tl.sum(gt * a[:, None], axis=0)
-                if COMPUTE_DOTS:
-                    part = tl.sum(gt * vrow[None, :], axis=1)  # [BLOCK_J], this column chunk's share
-                    prev = tl.load(dots_ptr + pos, mask=jmask, other=0.0)
-                    tl.store(dots_ptr + pos, prev + part, mask=jmask)
-            tl.store(grad_ptr + u * grad_stride + offs_d, acc, mask=dmask)
+                part = tl.sum(gt * vrow[None, :], axis=1)  # [BLOCK_J]
+                tl.store(dots_ptr + cb * total_lookups + pos, part, mask=jmask)
+        dest = tl.load(seg_dest_ptr + c).to(tl.int64)
+        tl.store(out_ptr + dest * out_stride + offs_d, acc, mask=dmask)
+
+    @triton.jit
+    def _segment_sum_kernel(
+        out_ptr, row_ptr, first_ptr, count_ptr, cols, out_stride, BLOCK_D: tl.constexpr,
+    ):
+        # program (i, column block): out[row[i]] = sum of the partial rows out[first[i] : first[i] + count[i]]
+        i = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs_d < cols
+        row = tl.load(row_ptr + i).to(tl.int64)
+        first = tl.load(first_ptr + i)
+        count = tl.load(count_ptr + i)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for p in range(first, first + count):
+            acc += tl.load(out_ptr + p * out_stride + offs_d, mask=dmask, other=0.0)  # p: int64 (first is)
+        tl.store(out_ptr + row * out_stride + offs_d, acc, mask=dmask)
 
     @triton.jit
     def _sparse_adam_kernel(
@@ -229,6 +250,63 @@ def gather_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> 
     return out
 
 
+class Segments(NamedTuple):
+    """The sorted lookups cut into segments of at most ``seg`` lookups of one row each.
+
+    A row with more lookups than ``seg`` (a hot memory slot, or any sub-key) is split, so no program
+    walks thousands of lookups alone; its segments write partial sums to rows ``num_rows + p`` of the
+    output buffer, which ``_segment_sum_kernel`` then adds up in segment order (deterministic).
+    """
+
+    row: torch.Tensor  # [C] table row of each segment
+    start: torch.Tensor  # [C] first sorted lookup
+    end: torch.Tensor  # [C] one past the last
+    dest: torch.Tensor  # [C] output-buffer row: the row's slot u, or num_rows + p for a partial
+    num_partials: int  # P: partial rows after the num_rows final ones
+    split_slots: torch.Tensor  # [M] slots u of the rows that were split
+    split_first: torch.Tensor  # [M] their first partial's buffer row
+    split_count: torch.Tensor  # [M] their number of partials
+
+
+def plan_segments(rows: torch.Tensor, offsets: torch.Tensor, seg: int) -> Segments:
+    """Segments of the row-grouped lookups: rows [U] distinct table rows, offsets [U + 1] (last = L)."""
+    num_rows = rows.numel()
+    counts = offsets[1:] - offsets[:-1]  # [U], each >= 1
+    pieces = (counts + seg - 1) // seg  # [U]
+    split = pieces > 1
+    total, partials, num_split = torch.stack([pieces.sum(), (pieces * split).sum(), split.sum()]).tolist()
+    slots = torch.arange(num_rows, device=rows.device)
+    if partials == 0:  # the common case for value tables: one segment per row, written in place
+        empty = offsets.new_zeros(0)
+        return Segments(rows, offsets[:-1], offsets[1:], slots, 0, empty, empty, empty)
+    seg_slot = torch.repeat_interleave(slots, pieces, output_size=total)  # [C]
+    first_piece = torch.cumsum(pieces, 0) - pieces  # [U]
+    k = torch.arange(total, device=rows.device) - first_piece[seg_slot]  # piece number within its row
+    start = offsets[seg_slot] + k * seg
+    end = torch.minimum(start + seg, offsets[seg_slot + 1])
+    is_partial = split[seg_slot]  # [C]
+    dest = torch.where(is_partial, num_rows + torch.cumsum(is_partial, 0) - 1, seg_slot)
+    split_slots = torch.argsort((~split).to(torch.int8), stable=True)[:num_split]  # ascending slots
+    return Segments(rows[seg_slot], start, end, dest, partials, split_slots,
+                    dest[first_piece[split_slots]], pieces[split_slots])
+
+
+class GroupedLaunch(NamedTuple):
+    """Launch parameters of the row-grouped backward (see ``default_grouped_launch``)."""
+
+    block_d: int  # columns per program
+    block_j: int  # lookups per inner-loop step
+    seg: int  # most lookups one program walks before the row is split
+    num_warps: int
+
+
+def default_grouped_launch(cols: int) -> GroupedLaunch:
+    # narrow programs (256 columns, 4 warps): many resident per SM, which hides the gather latency;
+    # a program walks at most 64 lookups, so hot rows and sub-keys are spread over many programs
+    block_d = _col_block(cols, 256)
+    return GroupedLaunch(block_d, 16 if block_d >= 256 else 32, 64, 4)
+
+
 def row_grouped_backward(
     table: torch.Tensor,
     rows: torch.Tensor,
@@ -237,8 +315,9 @@ def row_grouped_backward(
     weights: torch.Tensor,
     grad_out: torch.Tensor,
     compute_dots: bool = True,
+    launch: GroupedLaunch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Both lookup gradients in one pass over the lookups grouped by row.
+    """Both lookup gradients from one pass over the lookups grouped by row.
 
     rows [U] distinct rows; offsets [U + 1] start of each row's lookups in sorted order (last = T*K);
     perm [T*K] flat position t*K + k of each sorted lookup; weights [T, K]; grad_out [T, cols].
@@ -248,20 +327,32 @@ def row_grouped_backward(
     t, k = weights.shape
     cols = table.shape[1]
     num_rows = rows.numel()
-    grad = torch.empty(num_rows, cols, dtype=torch.float32, device=table.device)
-    # each column chunk adds its partial dot into the slot: start from zero
-    dots = torch.zeros(t * k, dtype=torch.float32, device=table.device) if compute_dots else None
+    if t * k >= 2**31:
+        raise ValueError(f"{t} x {k} lookups: the row-grouped kernel indexes lookups in int32 (< 2^31).")
+    launch = launch or default_grouped_launch(cols)
+    col_blocks = triton.cdiv(cols, launch.block_d)
     if num_rows == 0:
-        return grad, (dots.view(t, k) if dots is not None else None)
+        dots = torch.zeros(t, k, dtype=torch.float32, device=table.device) if compute_dots else None
+        return torch.empty(0, cols, dtype=torch.float32, device=table.device), dots
+    plan = plan_segments(rows, offsets, launch.seg)
+    out = torch.empty(num_rows + plan.num_partials, cols, dtype=torch.float32, device=table.device)
+    # each column block writes its share of every dot; summed below in block order
+    dots = torch.empty(col_blocks, t * k, dtype=torch.float32, device=table.device) if compute_dots else None
     g = grad_out.contiguous()
-    wts = weights.contiguous()
-    block_d = _col_block(cols, 1024)
-    _row_grouped_kernel[(num_rows,)](
-        table, rows, offsets, perm, wts, g, grad, dots if dots is not None else grad,
-        k, cols, table.stride(0), g.stride(0), grad.stride(0),
-        COMPUTE_DOTS=compute_dots, BLOCK_J=8, BLOCK_D=block_d, num_warps=8 if block_d >= 1024 else 4,
+    _segment_grad_kernel[(plan.row.numel(), col_blocks)](
+        table, plan.row, plan.start, plan.end, plan.dest, perm, weights.contiguous(), g,
+        out, dots if dots is not None else out,
+        k, t * k, cols, table.stride(0), g.stride(0), out.stride(0),
+        COMPUTE_DOTS=compute_dots, BLOCK_J=launch.block_j, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
     )
-    return grad, (dots.view(t, k) if dots is not None else None)
+    if plan.num_partials:
+        _segment_sum_kernel[(plan.split_slots.numel(), col_blocks)](
+            out, plan.split_slots, plan.split_first, plan.split_count, cols, out.stride(0),
+            BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+        )
+    if dots is not None:
+        dots = (dots[0] if col_blocks == 1 else dots.sum(0)).view(t, k)
+    return out[:num_rows], dots
 
 
 def sparse_adam_rows(

@@ -75,6 +75,30 @@ def test_lookup_backward_matches_torch_path(cols, dtype):
     torch.testing.assert_close(got_dots, ref_dots, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("compute_dots", [True, False])
+def test_row_grouped_backward_splits_hot_rows(compute_dots):
+    """Rows with more lookups than a segment are split and their partials summed; several column
+    blocks each write a share of every dot: all of it must equal the torch path."""
+    from pkm.values import _row_grouped, sort_lookups
+
+    table = _table(20, 10)
+    idx, w = _lookups(12, 5, 20)  # row 3 is looked up by 6+ tokens, duplicates in every bag
+    grad_out = torch.randn(12, 10, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    order = sort_lookups(idx)
+    offsets = torch.cat([order.offsets, order.offsets.new_tensor([idx.numel()])])
+    launch = triton_kernels.GroupedLaunch(block_d=4, block_j=2, seg=3, num_warps=1)
+    plan = triton_kernels.plan_segments(order.rows, offsets, launch.seg)
+    assert plan.num_partials > 0  # the test exercises the split path
+    values, dots = triton_kernels.row_grouped_backward(
+        table, order.rows, offsets, order.perm, w, grad_out, compute_dots, launch)
+    ref, ref_dots = lookup_backward(table, idx, w, grad_out, triton=False)
+    torch.testing.assert_close(values, ref.values, rtol=1e-6, atol=1e-6)
+    if compute_dots:
+        torch.testing.assert_close(dots, ref_dots, rtol=1e-6, atol=1e-5)
+    else:
+        assert dots is None
+
+
 def test_gather_dots_matches_torch_path():
     table = _table(30, 12)
     idx, _ = _lookups(11, 40, 30)  # 40 lookups: two blocks of the kernel's 32
