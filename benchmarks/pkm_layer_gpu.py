@@ -191,11 +191,11 @@ def bench_kernels(args, bandwidth: float) -> list[dict]:
         "sort_lookups (torch)": (lambda: sort_lookups(idx), None),
         "sparse_adam (step)": (adam, uniq * (7 * d * f32 + i64 + 2 * f32)),
     }
-    # launch variants of the row-grouped backward (block_d, block_j, seg, num_warps): the value table
+    # launch variants of the row-grouped backward (block_d, block_r, seg, num_warps): the value table
     # with dots, and a sub-key-like table (128 columns, 4096 rows, ~1000 lookups per row) without
     GL = triton_kernels.GroupedLaunch
-    for launch in (GL(256, 16, 64, 4), GL(128, 16, 64, 4), GL(256, 32, 128, 4), GL(512, 16, 64, 8),
-                   GL(256, 16, 32, 4), GL(1024, 8, 1 << 30, 8)):
+    for launch in (GL(256, 16, 32, 4), GL(512, 8, 32, 8), GL(1024, 4, 32, 8), GL(256, 8, 64, 4),
+                   GL(128, 16, 32, 4), GL(1024, 1, 1 << 30, 8)):
         kernels[f"row_grouped {tuple(launch)}"] = (
             lambda launch=launch: triton_kernels.row_grouped_backward(
                 table, order.rows, offsets, order.perm, w, grad_out, True, launch),
@@ -208,8 +208,8 @@ def bench_kernels(args, bandwidth: float) -> list[dict]:
     sk_order = sort_lookups(sk_idx)
     sk_offsets = torch.cat([sk_order.offsets, sk_order.offsets.new_tensor([sk_idx.numel()])])
     sk_table = torch.randn(sets * n, half, device="cuda")
-    for launch in (GL(128, 32, 64, 4), GL(128, 32, 256, 4), GL(128, 64, 128, 4), GL(64, 32, 64, 2),
-                   GL(128, 8, 1 << 30, 4)):
+    for launch in (GL(128, 16, 32, 4), GL(128, 32, 32, 4), GL(128, 16, 64, 4), GL(64, 32, 32, 2),
+                   GL(128, 8, 16, 4)):
         kernels[f"sub-key grad {tuple(launch)}"] = (
             lambda launch=launch: triton_kernels.row_grouped_backward(
                 sk_table, sk_order.rows, sk_offsets, sk_order.perm, sk_w, sk_rows, False, launch),

@@ -126,40 +126,43 @@ if triton is not None:
     def _segment_grad_kernel(
         table_ptr, seg_row_ptr, seg_start_ptr, seg_end_ptr, seg_dest_ptr, perm_ptr, wts_ptr, g_ptr,
         out_ptr, dots_ptr,
-        n_lookups, total_lookups, cols, t_stride, g_stride, out_stride,
-        COMPUTE_DOTS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+        num_segments, n_lookups, total_lookups, cols, t_stride, g_stride, out_stride,
+        COMPUTE_DOTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        # program (segment c, column block): the sorted lookups [start, end) of one table row.
-        # out[dest] = sum_j w_j * g[token_j] over the block's columns; with COMPUTE_DOTS each lookup's
-        # dot with the row over these columns goes to dots[column block, flat position]. Every
-        # output element has exactly one writer, so there are no atomics and the result is the same
-        # every run.
-        c = tl.program_id(0).to(tl.int64)
+        # program (segment block, column block): BLOCK_R segments side by side, each the sorted
+        # lookups [start, end) of one table row. Step j gathers the j-th lookup's grad_out row of
+        # every segment at once (BLOCK_R independent loads in flight), so the dependent index loads
+        # are paid once per step for many rows. out[dest] = sum_j w_j * g[token_j]; with
+        # COMPUTE_DOTS each lookup's dot with its row over these columns goes to
+        # dots[column block, flat position]. One writer per output element: no atomics, and every
+        # row's sum is taken in its sorted-lookup order, the same every run.
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = offs_r < num_segments
         cb = tl.program_id(1)
         offs_d = cb * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs_d < cols
-        start = tl.load(seg_start_ptr + c)
-        end = tl.load(seg_end_ptr + c)
+        mask2 = rmask[:, None] & dmask[None, :]
+        start = tl.load(seg_start_ptr + offs_r, mask=rmask, other=0)
+        count = tl.load(seg_end_ptr + offs_r, mask=rmask, other=0) - start
         if COMPUTE_DOTS:
-            r = tl.load(seg_row_ptr + c).to(tl.int64)
-            vrow = tl.load(table_ptr + r * t_stride + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for j0 in range(start, end, BLOCK_J):
-            offs_j = j0 + tl.arange(0, BLOCK_J)
-            jmask = offs_j < end
-            pos = tl.load(perm_ptr + offs_j, mask=jmask, other=0)  # flat t * K + k (< 2^31)
+            r = tl.load(seg_row_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
+            vrow = tl.load(table_ptr + r[:, None] * t_stride + offs_d[None, :], mask=mask2, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for j in range(0, tl.max(count, axis=0)):
+            jmask = rmask & (j < count)
+            pos = tl.load(perm_ptr + start + j, mask=jmask, other=0)  # flat t * K + k (< 2^31)
             tok = (pos.to(tl.int32) // n_lookups).to(tl.int64)
             a = tl.load(wts_ptr + pos, mask=jmask, other=0.0).to(tl.float32)
             gt = tl.load(
                 g_ptr + tok[:, None] * g_stride + offs_d[None, :],
                 mask=jmask[:, None] & dmask[None, :], other=0.0,
-            ).to(tl.float32)  # [BLOCK_J, BLOCK_D]
-            acc += tl.sum(gt * a[:, None], axis=0)
+            ).to(tl.float32)  # [BLOCK_R, BLOCK_D]
+            acc += gt * a[:, None]
             if COMPUTE_DOTS:
-                part = tl.sum(gt * vrow[None, :], axis=1)  # [BLOCK_J]
+                part = tl.sum(gt * vrow, axis=1)  # [BLOCK_R]
                 tl.store(dots_ptr + cb * total_lookups + pos, part, mask=jmask)
-        dest = tl.load(seg_dest_ptr + c).to(tl.int64)
-        tl.store(out_ptr + dest * out_stride + offs_d, acc, mask=dmask)
+        dest = tl.load(seg_dest_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
+        tl.store(out_ptr + dest[:, None] * out_stride + offs_d[None, :], acc, mask=mask2)
 
     @triton.jit
     def _segment_sum_kernel(
@@ -295,16 +298,16 @@ class GroupedLaunch(NamedTuple):
     """Launch parameters of the row-grouped backward (see ``default_grouped_launch``)."""
 
     block_d: int  # columns per program
-    block_j: int  # lookups per inner-loop step
-    seg: int  # most lookups one program walks before the row is split
+    block_r: int  # segments (rows) per program, walked side by side
+    seg: int  # most lookups of one row a program walks before the row is split
     num_warps: int
 
 
 def default_grouped_launch(cols: int) -> GroupedLaunch:
-    # narrow programs (256 columns, 4 warps): many resident per SM, which hides the gather latency;
-    # a program walks at most 64 lookups, so hot rows and sub-keys are spread over many programs
+    # 8 rows x 256 columns per program; a row is split after 32 lookups, so hot rows and sub-keys
+    # are spread over many programs and the rows of one program have similar counts (see below)
     block_d = _col_block(cols, 256)
-    return GroupedLaunch(block_d, 16 if block_d >= 256 else 32, 64, 4)
+    return GroupedLaunch(block_d, 8 if block_d >= 256 else 16, 32, 4)
 
 
 def row_grouped_backward(
@@ -339,11 +342,15 @@ def row_grouped_backward(
     # each column block writes its share of every dot; summed below in block order
     dots = torch.empty(col_blocks, t * k, dtype=torch.float32, device=table.device) if compute_dots else None
     g = grad_out.contiguous()
-    _segment_grad_kernel[(plan.row.numel(), col_blocks)](
-        table, plan.row, plan.start, plan.end, plan.dest, perm, weights.contiguous(), g,
+    # segments of similar length side by side: a program walks as many steps as its longest segment
+    by_count = torch.argsort(plan.end - plan.start, descending=True, stable=True)
+    seg_row, seg_start, seg_end, seg_dest = (x[by_count] for x in (plan.row, plan.start, plan.end, plan.dest))
+    num_segments = seg_row.numel()
+    _segment_grad_kernel[(triton.cdiv(num_segments, launch.block_r), col_blocks)](
+        table, seg_row, seg_start, seg_end, seg_dest, perm, weights.contiguous(), g,
         out, dots if dots is not None else out,
-        k, t * k, cols, table.stride(0), g.stride(0), out.stride(0),
-        COMPUTE_DOTS=compute_dots, BLOCK_J=launch.block_j, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+        num_segments, k, t * k, cols, table.stride(0), g.stride(0), out.stride(0),
+        COMPUTE_DOTS=compute_dots, BLOCK_R=launch.block_r, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
     )
     if plan.num_partials:
         _segment_sum_kernel[(plan.split_slots.numel(), col_blocks)](

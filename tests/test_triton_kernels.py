@@ -86,7 +86,7 @@ def test_row_grouped_backward_splits_hot_rows(compute_dots):
     grad_out = torch.randn(12, 10, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     order = sort_lookups(idx)
     offsets = torch.cat([order.offsets, order.offsets.new_tensor([idx.numel()])])
-    launch = triton_kernels.GroupedLaunch(block_d=4, block_j=2, seg=3, num_warps=1)
+    launch = triton_kernels.GroupedLaunch(block_d=4, block_r=2, seg=3, num_warps=1)
     plan = triton_kernels.plan_segments(order.rows, offsets, launch.seg)
     assert plan.num_partials > 0  # the test exercises the split path
     values, dots = triton_kernels.row_grouped_backward(
