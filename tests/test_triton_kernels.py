@@ -233,3 +233,66 @@ def test_triton_switch(monkeypatch):
         monkeypatch.setenv("PKM_TRITON", "0")
         assert triton_enabled(gpu, None) is False
         assert triton_enabled(gpu, True) is True
+
+
+# --------------------------------------------------------------------------------------------------
+# column-sharded tables on spawned gloo ranks: kernels against the torch path, inside one process group
+# --------------------------------------------------------------------------------------------------
+
+SHARD_ROWS, SHARD_DIM, SHARD_K = 30, 7, 6  # 7 columns over 2 ranks: 4 + 3
+SHARD_COUNTS = ([5, 0], [2, 6])  # two micro-batches; rank 1 has no tokens in the first
+
+
+def _sharded_scenario(rank: int, full: torch.Tensor, batches: list) -> dict:
+    """Two micro-batches accumulated into the shard's grad, the global grad norm, one SparseAdam
+    step; once with the kernels and once with the torch path, on the same ranks."""
+    import torch.distributed as dist
+
+    from pkm.sharded_values import ShardedValueTable, values_grad_sq_norm
+
+    group = dist.new_group([0, 1])
+    out = {}
+    for flag in (True, False):
+        table = ShardedValueTable.from_full(full, group=group)
+        table.triton = flag
+        opt = SparseAdam([table], lr=0.05, weight_decay=0.01)
+        opt.triton, opt.native = flag, False
+        res = {"out": [], "w_grad": []}
+        for idx, w, probe in batches:
+            w = w[rank].clone().requires_grad_(True)
+            y = table(idx[rank], w)
+            (y * probe[rank]).sum().backward()
+            res["out"].append(y.detach())
+            res["w_grad"].append(w.grad)
+        res["rows"] = table.sparse_grad.rows.clone()
+        res["grad"] = table.sparse_grad.values.clone()
+        res["norm"] = values_grad_sq_norm([table])
+        opt.step()
+        res["weight"] = table.weight.detach().clone()
+        out[flag] = res
+    return out
+
+
+def test_sharded_table_with_kernels_matches_torch_path():
+    from tests.test_sharded_values import run_on_ranks
+
+    g = torch.Generator().manual_seed(7)
+    full = torch.randn(SHARD_ROWS, SHARD_DIM, generator=g)
+    batches = []
+    for counts in SHARD_COUNTS:
+        idx = [torch.randint(0, SHARD_ROWS, (c, SHARD_K), generator=g) for c in counts]
+        if counts[0]:
+            idx[0][0, :2] = 4  # a duplicate inside a bag
+        w = [torch.randn(c, SHARD_K, generator=g) for c in counts]
+        probe = [torch.randn(c, SHARD_DIM, generator=g) for c in counts]
+        batches.append((idx, w, probe))
+    results = run_on_ranks(_sharded_scenario, 2, full, batches)
+    for res in results:
+        kern, ref = res[True], res[False]
+        for a, b in zip(kern["out"] + kern["w_grad"], ref["out"] + ref["w_grad"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+        assert torch.equal(kern["rows"], ref["rows"])
+        torch.testing.assert_close(kern["grad"], ref["grad"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(kern["norm"], ref["norm"])
+        torch.testing.assert_close(kern["weight"], ref["weight"], rtol=1e-6, atol=1e-7)
+    assert results[0][True]["out"][0].shape == (5, SHARD_DIM) and results[1][True]["out"][0].shape == (0, SHARD_DIM)
