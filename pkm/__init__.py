@@ -15,7 +15,8 @@ __all__ = [
 
 # --- Model side (pkm/modeling.py, pkm/presets.py), loaded on first use: importing transformers
 # takes seconds, which the memory/value code and its spawned worker processes should not pay.
-# Touching any of these names (or `import pkm.modeling`) registers "bert_pkm" with the Auto classes.
+# Touching any of these names (or `import pkm.modeling`) registers "bert_pkm" with the Auto classes;
+# without that, pkm.hf_auto registers it lazily, so `import pkm` is enough for AutoModel*.from_pretrained.
 _LAZY_EXPORTS = {
     **dict.fromkeys(
         (
@@ -28,6 +29,10 @@ _LAZY_EXPORTS = {
     **dict.fromkeys(("preset_config", "PRESETS"), "pkm.presets"),
 }
 __all__ += list(_LAZY_EXPORTS)
+
+from pkm import hf_auto as _hf_auto  # noqa: E402
+
+_hf_auto.install()
 
 
 def __getattr__(name: str):

@@ -11,6 +11,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
+from pkm.hf_auto import ensure_model_classes_registered
+
 __all__ = ["BertPkmConfig", "MEMORY_MODES", "QUERY_NORMS", "VALUE_INITS"]
 
 MEMORY_MODES = ("replace", "residual")
@@ -59,6 +61,9 @@ class BertPkmConfig(BertConfig):
         # Validated here (not only in validate_architecture) so bad values raise a plain ValueError
         # at construction: `@strict` wraps validator errors in its own non-ValueError exception.
         self.validate_memory()
+        # An Auto class is loading a bert_pkm folder (or will build from this config): make sure it
+        # finds the model classes (pkm.hf_auto; a no-op while the Auto machinery is not in use).
+        ensure_model_classes_registered()
 
     def validate_architecture(self):
         """Part of `@strict` validation (``config.validate()``)."""
