@@ -22,10 +22,11 @@ _LAZY_EXPORTS = {
         (
             "BertPkmConfig", "BertPkmModel", "BertPkmForMaskedLM", "BertPkmForSequenceClassification",
             "BertPkmForQuestionAnswering", "BertPkmPreTrainedModel", "memory_modules", "value_tables",
-            "last_memory_outputs", "parameter_groups", "init_from_pretrained_bert", "InitReport",
+            "last_memory_outputs", "parameter_groups",
         ),
         "pkm.modeling",
     ),
+    **dict.fromkeys(("init_from_pretrained_bert", "InitReport"), "pkm.init_from_bert"),
     **dict.fromkeys(("preset_config", "PRESETS"), "pkm.presets"),
 }
 __all__ += list(_LAZY_EXPORTS)

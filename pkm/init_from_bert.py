@@ -14,15 +14,11 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from typing import TYPE_CHECKING
-
 import torch
 from transformers import BertConfig
 
 from pkm.configuration import BertPkmConfig
-
-if TYPE_CHECKING:  # pkm.modeling re-exports this module's names, so it is imported lazily
-    from pkm.modeling import BertPkmPreTrainedModel
+from pkm.modeling import BertPkmForMaskedLM, BertPkmPreTrainedModel
 
 __all__ = ["InitReport", "init_from_pretrained_bert", "load_bert_state_dict"]
 
@@ -141,8 +137,6 @@ def init_from_pretrained_bert(
     keyword ``overrides`` set the memory fields (memory_layers, memory_mode, mem_*) or anything
     else. Returns the model in eval mode (like ``from_pretrained``) and an InitReport.
     """
-    from pkm.modeling import BertPkmForMaskedLM
-
     model_class = BertPkmForMaskedLM if model_class is None else model_class
     all_overrides = {**(config_overrides or {}), **overrides}
     base = _source_config(path_or_dir).to_dict()

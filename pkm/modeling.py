@@ -72,8 +72,6 @@ __all__ = [
     "value_tables",
     "last_memory_outputs",
     "parameter_groups",
-    "init_from_pretrained_bert",
-    "InitReport",
 ]
 
 
@@ -594,7 +592,3 @@ def _register_auto_classes() -> None:
 
 
 _register_auto_classes()
-
-# Re-exported here so `pkm.modeling` is the one import for the model side (defined in its own file
-# to keep this one readable; imported last because it uses the classes above).
-from pkm.init_from_bert import InitReport, init_from_pretrained_bert  # noqa: E402

@@ -361,7 +361,7 @@ def build_model(prep: PreparedRun):
     cfg = prep.cfg
     seed_everything(cfg.model.init_seed if cfg.model.init_seed is not None else cfg.train.seed)
     if cfg.model.init_from:
-        from pkm.modeling import init_from_pretrained_bert
+        from pkm.init_from_bert import init_from_pretrained_bert
 
         model, report = init_from_pretrained_bert(cfg.model.init_from, dict(cfg.model.overrides))
         summary = f"init_from {cfg.model.init_from}: {len(report.loaded)} tensors loaded, {len(report.added)} new"
