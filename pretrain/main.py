@@ -1,8 +1,8 @@
 """Pretraining entry point (DeepSpeed launcher or a single process).
 
-    deepspeed --num_gpus N pretrain/main.py --deepspeed_config ds_configs/zero2_bf16.json \\
+    deepspeed --num_gpus N --module pretrain.main --deepspeed_config ds_configs/zero2_bf16.json \\
         --config configs/bert-base.json [--train.max_steps=1000 --optim.lr=1e-4 ...] [--resume]
-    python pretrain/main.py --deepspeed_config ds_configs/tiny_zero2_fp32.json --config configs/tiny.json
+    python -m pretrain.main --deepspeed_config ds_configs/tiny_zero2_fp32.json --config configs/tiny.json
 
 Arguments:
     --config PATH            run config (JSON, or YAML with pyyaml): model / data / optim / train
@@ -31,8 +31,8 @@ from typing import Any
 # bits. Set before torch is imported; an explicit MKL_DYNAMIC in the environment wins.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-if __package__ in (None, ""):  # `python pretrain/main.py` / `deepspeed pretrain/main.py`: make `pretrain` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a file, `pretrain` would not be importable
+    sys.exit("error: run pretraining as a module: python -m pretrain.main ... or deepspeed --module pretrain.main ...")
 
 from pretrain.config import (  # noqa: E402
     RunConfig,
@@ -346,7 +346,7 @@ def _free_port() -> int:
 
 
 def _single_process_env() -> None:
-    """`python pretrain/main.py`: a world of one, as the launcher would have described it."""
+    """`python -m pretrain.main`: a world of one, as the launcher would have described it."""
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
                            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
@@ -491,7 +491,7 @@ def launch(config: str | RunConfig | dict[str, Any], ds_config: str, num_procs: 
         prepare_run(*parsed, world_size=num_procs)  # fail fast, with the same messages as the ranks
         deepspeed_bin = os.path.join(os.path.dirname(sys.executable), "deepspeed")
         cmd = [deepspeed_bin, "--num_gpus", str(num_procs), "--master_port", str(master_port or _free_port()),
-               os.path.join(REPO_ROOT, "pretrain", "main.py"), "--config", config, "--deepspeed_config", ds_config,
+               "--module", "pretrain.main", "--config", config, "--deepspeed_config", ds_config,
                *overrides]
         child_env = {**os.environ, **(env or {})}
         child_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + child_env.get("PYTHONPATH", "")

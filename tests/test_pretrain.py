@@ -104,12 +104,12 @@ def _free_port() -> int:
 
 def launch(cfg: dict, ds_config: str, nproc: int, extra: list[str] | None = None,
            timeout: int = 300) -> tuple[int, str]:
-    """Run pretrain/main.py under the deepspeed launcher; returns (exit code, combined output)."""
+    """Run pretrain.main under the deepspeed launcher; returns (exit code, combined output)."""
     os.makedirs(cfg["train"]["out_dir"], exist_ok=True)
     cfg_path = os.path.join(cfg["train"]["out_dir"], "..", os.path.basename(cfg["train"]["out_dir"]) + "_cfg.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_free_port()), "pretrain/main.py",
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "pretrain.main",
            "--deepspeed_config", os.path.join(REPO, "ds_configs", ds_config), "--config", cfg_path, *(extra or [])]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **RANK_ENV})
     return p.returncode, p.stdout + p.stderr
@@ -257,7 +257,7 @@ def test_inconsistent_setups_fail_before_training(shards, tmp_path):
 
 def test_cli_reports_config_errors_without_starting(shards, tmp_path):
     t0 = time.time()
-    p = subprocess.run([PY, "pretrain/main.py", "--deepspeed_config", "ds_configs/tiny_zero2_fp32.json",
+    p = subprocess.run([PY, "-m", "pretrain.main", "--deepspeed_config", "ds_configs/tiny_zero2_fp32.json",
                         "--model.preset=tiny", f"--data.shard_dir={shards}", f"--train.out_dir={tmp_path}/r",
                         "--train.max_step=3"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
@@ -370,14 +370,21 @@ def test_kill9_then_resume_is_exact(shards, run_root):
         assert sa["sampler"] == sb["sampler"] and sa["tokens_seen"] == sb["tokens_seen"]
 
 
+@pytest.mark.parametrize("script, module", [("pretrain/main.py", "pretrain.main"), ("pretrain/convert.py", "pretrain.convert")])
+def test_entry_run_as_a_file_says_to_use_the_module(script, module):
+    p = subprocess.run([PY, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert f"python -m {module}" in p.stderr
+
+
 def test_sigterm_saves_and_exits_cleanly(shards, tmp_path):
-    """Single process (`python pretrain/main.py`): SIGTERM -> checkpoint at the next step, exit 0."""
+    """Single process (`python -m pretrain.main`): SIGTERM -> checkpoint at the next step, exit 0."""
     out = str(tmp_path / "sig")
     cfg = run_config(shards, out, max_steps=10_000, ckpt_every=0)
     cfg_path = str(tmp_path / "sig.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    proc = subprocess.Popen([PY, "pretrain/main.py", "--deepspeed_config", "ds_configs/tiny_zero1_fp32.json",
+    proc = subprocess.Popen([PY, "-m", "pretrain.main", "--deepspeed_config", "ds_configs/tiny_zero1_fp32.json",
                              "--config", cfg_path], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(out, "metrics.jsonl")
     deadline = time.time() + 180
