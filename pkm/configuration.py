@@ -11,7 +11,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
-from pkm.hf_auto import ensure_model_classes_registered
+from pkm.hf_auto import ensure_model_classes_registered, register_config_if_auto_loaded
 
 __all__ = ["BertPkmConfig", "MEMORY_MODES", "QUERY_NORMS", "VALUE_INITS"]
 
@@ -119,3 +119,7 @@ class BertPkmConfig(BertConfig):
     def num_memory_slots(self) -> int:
         """N = n_keys^2 slots per memory."""
         return self.mem_n_keys**2
+
+
+# transformers' Auto configs may have loaded while this module imported transformers (pkm.hf_auto)
+register_config_if_auto_loaded()

@@ -12,7 +12,9 @@ the value-table code) should not pay. So the registration is done in two lazy st
    ``AutoModel*.from_pretrained(folder)`` does before it looks the model class up), ``pkm.modeling``
    is imported, and it registers every BertPkm model class with its Auto class.
 
-``import pkm.modeling`` registers everything at once, as before.
+``import pkm.modeling`` registers everything at once, as before. When ``configuration_auto`` loads
+while ``pkm.configuration`` itself is being imported (it imports transformers), the config module
+registers itself at its end instead (``register_config_if_auto_loaded``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import importlib.util
 import sys
 import warnings
 
-__all__ = ["install", "register_config", "ensure_model_classes_registered"]
+__all__ = ["install", "register_config", "register_config_if_auto_loaded", "ensure_model_classes_registered"]
 
 _CONFIG_AUTO = "transformers.models.auto.configuration_auto"
 
@@ -35,6 +37,12 @@ def register_config() -> None:
     from pkm.configuration import BertPkmConfig
 
     AutoConfig.register("bert_pkm", BertPkmConfig, exist_ok=True)
+
+
+def register_config_if_auto_loaded() -> None:
+    """Called at the end of ``pkm.configuration``'s import."""
+    if _CONFIG_AUTO in sys.modules:
+        register_config()
 
 
 def ensure_model_classes_registered() -> None:
@@ -59,10 +67,17 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module):
             run_module(module)
-            _register_config_safely()
+            _on_config_auto_loaded()
 
         spec.loader.exec_module = exec_then_register  # this module's loader instance only
         return spec
+
+
+def _on_config_auto_loaded() -> None:
+    config_module = sys.modules.get("pkm.configuration")
+    if config_module is not None and not hasattr(config_module, "BertPkmConfig"):
+        return  # pkm.configuration is mid-import (it loaded transformers): it registers at its end
+    _register_config_safely()
 
 
 def _register_config_safely() -> None:

@@ -33,10 +33,11 @@ def saved_tiny(tmp_path_factory):
 def _run_fresh(code: str) -> dict:
     """Run ``code`` in a new interpreter (repo on the path); it prints one JSON line."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+           "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "could not register" not in proc.stderr, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -66,6 +67,13 @@ def test_import_pkm_after_transformers(saved_tiny):
     out = _run_fresh(_LOAD.format(imports=imports, folder=saved_tiny))
     assert out["class"] == "BertPkmForMaskedLM" and out["same"] and out["config"] == "BertPkmConfig"
     assert out["cheap"]
+
+
+def test_import_pkm_configuration_first(saved_tiny):
+    """pkm.configuration imports transformers, which loads its Auto configs halfway through."""
+    imports = "from pkm.configuration import BertPkmConfig\ncheap = 'pkm.modeling' not in sys.modules"
+    out = _run_fresh(_LOAD.format(imports=imports, folder=saved_tiny))
+    assert out == {"cheap": True, "class": "BertPkmForMaskedLM", "same": True, "config": "BertPkmConfig"}
 
 
 def test_without_import_pkm_the_folder_is_unknown(saved_tiny):
