@@ -1,10 +1,12 @@
 """Product-key memory library: the layer, value tables with row-sparse grads, sparse Adam."""
 
 from pkm.memory import MemoryOutput, ProductKeyMemory, product_key_topk
+from pkm.memory_config import MemoryConfig
 from pkm.sparse_adam import SparseAdam
 from pkm.values import SparseGrad, ValueTable
 
 __all__ = [
+    "MemoryConfig",
     "MemoryOutput",
     "ProductKeyMemory",
     "product_key_topk",

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pkm.memory_config import MemoryConfig
 from pkm.values import ValueTable, row_sparse_grad, weighted_bag, weighted_bag_weights_grad
 
 __all__ = ["MemoryOutput", "ProductKeyMemory", "QueryBatchNorm", "product_key_topk"]
-
-_QUERY_NORMS = ("batchnorm", "layernorm")
 
 
 class MemoryOutput(NamedTuple):
@@ -193,17 +192,12 @@ class ProductKeyMemory(nn.Module):
         value_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if min(input_dim, output_dim, n_keys, heads, knn, k_dim) <= 0:
-            raise ValueError("ProductKeyMemory sizes (dims, n_keys, heads, knn, k_dim) must be positive.")
-        if k_dim % 2 != 0:
-            raise ValueError(f"k_dim must be even (it is split in two halves), got {k_dim}.")
-        if knn > n_keys:
-            raise ValueError(f"knn ({knn}) cannot exceed n_keys ({n_keys}): top-k per half needs k <= n.")
-        if query_norm not in _QUERY_NORMS:
-            raise ValueError(f"query_norm must be one of {_QUERY_NORMS}, got {query_norm!r}.")
-        for name, p in (("input", input_dropout), ("query", query_dropout), ("value", value_dropout)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name}_dropout must be in [0, 1), got {p}.")
+        if min(input_dim, output_dim) <= 0:
+            raise ValueError(f"ProductKeyMemory dims must be positive, got {input_dim} -> {output_dim}.")
+        # the memory's own settings follow MemoryConfig's rules (their one home)
+        MemoryConfig(n_keys=n_keys, heads=heads, knn=knn, k_dim=k_dim, query_norm=query_norm,
+                     value_init=value_init, input_dropout=input_dropout, query_dropout=query_dropout,
+                     value_dropout=value_dropout)
         self.input_dim = input_dim
         self.output_dim = output_dim
         self.n_keys = n_keys
@@ -225,6 +219,16 @@ class ProductKeyMemory(nn.Module):
         self.values = ValueTable(self.size, output_dim, init=value_init)
         self._external_values: ValueTable | None = None
         self.reset_keys()
+
+    @classmethod
+    def from_config(cls, input_dim: int, output_dim: int, memory: MemoryConfig) -> "ProductKeyMemory":
+        """The layer for ``memory`` (``layers`` and ``mode`` are the model's business)."""
+        return cls(
+            input_dim, output_dim, n_keys=memory.n_keys, heads=memory.heads, knn=memory.knn,
+            k_dim=memory.k_dim, query_norm=memory.query_norm, value_init=memory.value_init,
+            input_dropout=memory.input_dropout, query_dropout=memory.query_dropout,
+            value_dropout=memory.value_dropout,
+        )
 
     def reset_keys(self) -> None:
         # Lample: uniform in +-1/sqrt(half dim)

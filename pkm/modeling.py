@@ -110,19 +110,7 @@ class BertPkmQuestionAnsweringOutput(QuestionAnsweringModelOutput):
 
 
 def _build_memory(config: BertPkmConfig) -> ProductKeyMemory:
-    return ProductKeyMemory(
-        input_dim=config.hidden_size,
-        output_dim=config.hidden_size,
-        n_keys=config.mem_n_keys,
-        heads=config.mem_heads,
-        knn=config.mem_knn,
-        k_dim=config.mem_k_dim,
-        query_norm=config.mem_query_norm,
-        value_init=config.mem_value_init,
-        input_dropout=config.mem_input_dropout,
-        query_dropout=config.mem_query_dropout,
-        value_dropout=config.mem_value_dropout,
-    )
+    return ProductKeyMemory.from_config(config.hidden_size, config.hidden_size, config.memory)
 
 
 class BertPkmReplaceOutput(nn.Module):

@@ -210,25 +210,21 @@ def _model_config(cfg: RunConfig, vocab_size: int | None, max_seq_len: int, worl
     from pkm.presets import PRESETS, preset_config
 
     overrides = dict(cfg.model.overrides)
-    known = set(BertPkmConfig().to_dict()) | {"memory_layers"}
+    known = set(BertPkmConfig().to_dict())
     unknown = sorted(k for k in overrides if k not in known)
     if unknown:
         raise ValueError(
             f"model.overrides has unknown key '{unknown[0]}': it must be a BertPkmConfig field "
-            "(e.g. memory_layers, memory_mode, mem_n_keys, mem_heads, mem_knn, mem_k_dim, hidden_size).")
+            "(e.g. hidden_size, num_hidden_layers; the memory goes in model.memory).")
     if cfg.model.init_from:
-        from pkm.init_from_bert import _SOURCE_ONLY_CONFIG_KEYS, _source_config  # reads only config.json
+        from pkm.init_from_bert import bert_pkm_config_from_bert  # reads only config.json
 
-        base = _source_config(cfg.model.init_from).to_dict()
-        for key in _SOURCE_ONLY_CONFIG_KEYS:
-            base.pop(key, None)
-        src_vocab = base.get("vocab_size")
-        if vocab_size is not None and src_vocab != vocab_size and "vocab_size" not in overrides:
+        mc = bert_pkm_config_from_bert(cfg.model.init_from, cfg.model.memory, **overrides)
+        if vocab_size is not None and mc.vocab_size != vocab_size and "vocab_size" not in overrides:
             raise ValueError(
-                f"model.init_from '{cfg.model.init_from}' has vocab_size {src_vocab} but the data's tokenizer "
+                f"model.init_from '{cfg.model.init_from}' has vocab_size {mc.vocab_size} but the data's tokenizer "
                 f"has {vocab_size}: prepare the shards with that model's tokenizer (python -m data_prep prepare "
                 f"--tokenizer {cfg.model.init_from} ...).")
-        mc = BertPkmConfig(**{**base, **overrides})
     else:
         if cfg.model.preset not in PRESETS:
             raise ValueError(f"model.preset '{cfg.model.preset}' is unknown: choose one of {sorted(PRESETS)}.")
@@ -237,7 +233,7 @@ def _model_config(cfg: RunConfig, vocab_size: int | None, max_seq_len: int, worl
         if "max_position_embeddings" not in overrides:
             overrides["max_position_embeddings"] = max(PRESETS[cfg.model.preset].get("max_position_embeddings", 512),
                                                        max_seq_len)
-        mc = preset_config(cfg.model.preset, **overrides)
+        mc = preset_config(cfg.model.preset, memory=cfg.model.memory, **overrides)
     if vocab_size is not None and mc.vocab_size < vocab_size:
         raise ValueError(f"the model's vocab_size ({mc.vocab_size}) is smaller than the tokenizer's ({vocab_size}): "
                          "remove vocab_size from model.overrides.")
@@ -363,7 +359,7 @@ def build_model(prep: PreparedRun):
     if cfg.model.init_from:
         from pkm.init_from_bert import init_from_pretrained_bert
 
-        model, report = init_from_pretrained_bert(cfg.model.init_from, dict(cfg.model.overrides))
+        model, report = init_from_pretrained_bert(cfg.model.init_from, config=prep.model_config)
         summary = f"init_from {cfg.model.init_from}: {len(report.loaded)} tensors loaded, {len(report.added)} new"
     else:
         model = BertPkmForMaskedLM(prep.model_config)

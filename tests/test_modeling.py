@@ -239,12 +239,12 @@ def test_presets():
         (dict(memory_layers=[2]), "out of range"),
         (dict(memory_layers=[-1]), "out of range"),
         (dict(memory_layers=[1, 1]), "more than once"),
-        (dict(memory_mode="parallel"), "memory_mode"),
-        (dict(mem_query_norm="rmsnorm"), "mem_query_norm"),
-        (dict(mem_value_init="uniform"), "mem_value_init"),
-        (dict(mem_knn=32), "mem_knn"),
+        (dict(memory_mode="parallel"), "memory mode"),
+        (dict(mem_query_norm="rmsnorm"), "query_norm"),
+        (dict(mem_value_init="uniform"), "value_init"),
+        (dict(mem_knn=32), "knn"),
         (dict(mem_k_dim=15), "even"),
-        (dict(mem_value_dropout=1.0), "mem_value_dropout"),
+        (dict(mem_value_dropout=1.0), "value_dropout"),
     ],
 )
 def test_config_validation(overrides, match):
