@@ -147,6 +147,7 @@ def init_from_pretrained_bert(
     *,
     model_class: type[BertPkmPreTrainedModel] | None = None,
     config: BertPkmConfig | None = None,
+    external_values: bool = False,
     **overrides,
 ) -> tuple[BertPkmPreTrainedModel, InitReport]:
     """Build ``model_class`` (default BertPkmForMaskedLM) from a local memory-less BERT checkpoint.
@@ -155,7 +156,8 @@ def init_from_pretrained_bert(
     checked). Without it, the architecture comes from the checkpoint's config.json and
     ``config_overrides`` (a dict) and/or keyword ``overrides`` set the memory fields
     (memory_layers, memory_mode, mem_*) or anything else. Returns the model in eval mode (like
-    ``from_pretrained``) and an InitReport.
+    ``from_pretrained``) and an InitReport. ``external_values=True``: the memories get no value
+    tables (handed in later, see ``ProductKeyMemory.attach_values``).
     """
     model_class = BertPkmForMaskedLM if model_class is None else model_class
     all_overrides = {**(config_overrides or {}), **overrides}
@@ -163,7 +165,7 @@ def init_from_pretrained_bert(
         config = BertPkmConfig(**{**_architecture_fields(path_or_dir), **all_overrides})
     elif all_overrides:
         raise ValueError(f"pass either a config or overrides {sorted(all_overrides)}, not both.")
-    model = model_class(config)
+    model = model_class(config, external_values=external_values)
 
     source = load_bert_state_dict(path_or_dir)
     prefix = model.base_model_prefix + "."

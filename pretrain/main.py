@@ -350,7 +350,8 @@ def _single_process_env() -> None:
 
 
 def build_model(prep: PreparedRun):
-    """The model (same init on every rank: seeded), from a preset or a memory-less BERT."""
+    """The model (same init on every rank: seeded), from a preset or a memory-less BERT, without
+    value tables: ``build_engine`` hands each rank's memories their shards."""
     from pkm.modeling import BertPkmForMaskedLM
     from pretrain.trainer import seed_everything
 
@@ -359,10 +360,10 @@ def build_model(prep: PreparedRun):
     if cfg.model.init_from:
         from pkm.init_from_bert import init_from_pretrained_bert
 
-        model, report = init_from_pretrained_bert(cfg.model.init_from, config=prep.model_config)
+        model, report = init_from_pretrained_bert(cfg.model.init_from, config=prep.model_config, external_values=True)
         summary = f"init_from {cfg.model.init_from}: {len(report.loaded)} tensors loaded, {len(report.added)} new"
     else:
-        model = BertPkmForMaskedLM(prep.model_config)
+        model = BertPkmForMaskedLM(prep.model_config, external_values=True)
         summary = f"preset {cfg.model.preset} from scratch"
     model.train()
     return model, summary
