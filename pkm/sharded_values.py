@@ -340,20 +340,6 @@ class ShardedValueTable(ValueTable):
 
     # -- inspection ---------------------------------------------------------------------------------
 
-    def gather_full_weight(self, dst: int | None = None) -> torch.Tensor | None:
-        """The full [num_rows, dim] table (collective). With ``dst`` (a rank of the group) only that
-        rank gets it and the others get None. Debugging/tests/small tables: it costs N*dim floats."""
-        width_max = self.bounds[0][1] - self.bounds[0][0]
-        local = self.weight.detach()
-        if local.shape[1] < width_max:
-            local = torch.nn.functional.pad(local, (0, width_max - local.shape[1]))
-        out = local.new_empty(self.world_size * self.num_rows, width_max)  # [P * N, w_max]
-        _all_gather_flat(out, local.contiguous(), self.group)
-        if dst is not None and self.rank != dst:
-            return None
-        blocks = out.view(self.world_size, self.num_rows, width_max)
-        return torch.cat([blocks[p, :, : e - s] for p, (s, e) in enumerate(self.bounds)], dim=1)
-
     def extra_repr(self) -> str:
         return (
             f"num_rows={self.num_rows}, dim={self.dim}, cols=[{self.col_start}, {self.col_end}), "
