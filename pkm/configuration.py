@@ -14,7 +14,6 @@ from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
 from pkm.hf_auto import ensure_model_classes_registered, register_config_if_auto_loaded
-
 from pkm.memory_config import MEMORY_MODES, QUERY_NORMS, VALUE_INITS, MemoryConfig
 
 __all__ = ["BertPkmConfig", "MemoryConfig", "MEMORY_MODES", "QUERY_NORMS", "VALUE_INITS"]
