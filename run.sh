@@ -42,7 +42,8 @@ cmd_setup() {
   # torch first and pinned: otherwise a dependency asking for torch pulls a multi-GB CUDA build.
   # On GPU images (docker/) torch is already in the base image and PKM_SKIP_TORCH=1 keeps it.
   if [[ "${PKM_SKIP_TORCH:-0}" != "1" ]]; then
-    "$PY" -m pip install -q -c constraints.txt torch
+    # triton: the GPU kernels (pkm/triton_kernels.py); on CPU its interpreter lets the tests check them
+    "$PY" -m pip install -q -c constraints.txt torch triton
   fi
   # DeepSpeed builds from source; DS_BUILD_OPS=0 keeps it light (ops JIT-compile on first use).
   # With the image's own torch (PKM_SKIP_TORCH=1) the CPU pin must not apply: pin what is installed.

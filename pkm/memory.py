@@ -100,14 +100,15 @@ def _candidate_pairs(knn: int, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def product_key_topk(
-    query: torch.Tensor, keys: torch.Tensor, knn: int
+    query: torch.Tensor, keys: torch.Tensor, knn: int, triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``knn`` product keys per token and head.
 
     query [T, H, k_dim], keys [H, 2, n, k_dim/2]  ->  (scores [T, H, knn], indices [T, H, knn]),
     scores sorted descending, indices in [0, n^2) as ``i1 * n + i2``.
     The top-k of s1[a] + s2[b] always lies in top-k(s1) x top-k(s2) (and, with both sorted, among the
-    pairs with (a + 1)(b + 1) <= k), so this equals scoring all n^2.
+    pairs with (a + 1)(b + 1) <= k), so this equals scoring all n^2. ``triton`` selects the kernels of
+    the picked-score gather-dots as in ``pkm.values.triton_enabled``.
     """
     t, h, k_dim = query.shape
     n = keys.shape[2]
@@ -137,7 +138,7 @@ def product_key_topk(
         pick = (torch.stack([i1, i2], dim=1).permute(2, 0, 1, 3) + set_offset).reshape(t * h * 2, knn)
     # differentiable scores of the chosen slots, <q1, K1[i1]> + <q2, K2[i2]>, as k gather-dots per
     # (token, sub-key set): gradients touch only the picked sub-keys, never a dense [H*2, T, n] grad
-    dots = _PickedDots.apply(query.reshape(t * h * 2, half), keys_flat, pick)  # [T*H*2, knn]
+    dots = _PickedDots.apply(query.reshape(t * h * 2, half), keys_flat, pick, triton)  # [T*H*2, knn]
     dots = dots.view(t, h, 2, knn)
     scores = dots[:, :, 0] + dots[:, :, 1]  # [T, H, knn], sorted descending up to rounding
     return scores, indices.transpose(0, 1)  # [T, H, knn]
@@ -152,11 +153,14 @@ class _PickedDots(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, table: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, rows: torch.Tensor, table: torch.Tensor, pick: torch.Tensor, triton: bool | None
+    ) -> torch.Tensor:
         rows32, table32 = rows.float(), table.float()
         ctx.save_for_backward(rows32, table32, pick)
         ctx.dtypes = rows.dtype, table.dtype
-        out = weighted_bag_weights_grad(table32, pick, rows32, sort_rows=False)  # [R, knn] fp32
+        ctx.triton = triton
+        out = weighted_bag_weights_grad(table32, pick, rows32, sort_rows=False, triton=triton)  # [R, knn] fp32
         return out.to(rows.dtype)
 
     @staticmethod
@@ -166,12 +170,12 @@ class _PickedDots(torch.autograd.Function):
         g = grad_out.float()  # [R, knn]
         grad_rows = grad_table = None
         if ctx.needs_input_grad[0]:
-            grad_rows = weighted_bag(table32, pick, g).to(rows_dtype)  # [R, half]
+            grad_rows = weighted_bag(table32, pick, g, triton=ctx.triton).to(rows_dtype)  # [R, half]
         if ctx.needs_input_grad[1]:
-            sparse = row_sparse_grad(pick, g, rows32)  # [U] sub-keys, [U, half]
+            sparse = row_sparse_grad(pick, g, rows32, triton=ctx.triton)  # [U] sub-keys, [U, half]
             grad_table = table32.new_zeros(table32.shape).index_copy_(0, sparse.rows, sparse.values)
             grad_table = grad_table.to(table_dtype)
-        return grad_rows, grad_table, None
+        return grad_rows, grad_table, None, None
 
 
 class _ExternalTable(NamedTuple):
@@ -321,7 +325,8 @@ class ProductKeyMemory(nn.Module):
         # T may be 0 (an all-padding batch, an empty rank): the layer still runs through the value
         # table, whose sharded version needs every rank in its collectives.
         q = self.query(tokens)  # [T, H, k_dim]
-        scores, indices = product_key_topk(q, self.keys, self.knn)  # [T, H, knn] each
+        # one kernel switch per memory: the value table's (see pkm.values.triton_enabled)
+        scores, indices = product_key_topk(q, self.keys, self.knn, self.value_table.triton)  # [T, H, knn]
         weights = F.softmax(scores.float(), dim=-1).to(q.dtype)  # [T, H, knn]
         t = indices.shape[0]
         out = self.value_table(

@@ -18,8 +18,8 @@ weight grads (dots over the local columns) are sent back to the token owners and
 
 The lookup is a collective: every rank of the group must call forward (and backward, when the graph
 needs it) the same number of times and in the same order, also a rank with zero tokens. The math is
-the local table's (``weighted_bag``, ``weighted_bag_weights_grad``, ``row_sparse_grad`` from
-``pkm.values``); the same code runs on gloo (CPU tensors) and NCCL (CUDA tensors): only
+the local table's (``weighted_bag`` and ``lookup_backward`` from ``pkm.values``, Triton kernels on
+CUDA); the same code runs on gloo (CPU tensors) and NCCL (CUDA tensors): only
 ``all_gather_single``/``all_gather_into_tensor`` and ``all_to_all_single`` with split sizes are used.
 Give the tables a group of their own (``dist.new_group(ranks)``, even when the ranks are the whole
 world): the engine's gradient reductions run on WORLD from backward hooks, and a separate
@@ -66,9 +66,8 @@ from torch import nn
 from pkm.memory import ProductKeyMemory
 from pkm.values import (
     ValueTable,
-    row_sparse_grad,
+    lookup_backward,
     weighted_bag,
-    weighted_bag_weights_grad,
 )
 
 __all__ = [
@@ -127,7 +126,7 @@ class _ShardedLookup(torch.autograd.Function):
             return weights.new_zeros(0, table.dim)
         all_idx, all_w = table._gather_tokens(indices, weights, counts)  # [sum T, K] each
         ctx.save_for_backward(all_idx, all_w)
-        bag = weighted_bag(table.weight.detach(), all_idx, all_w)  # [sum T, d_local], weights.dtype
+        bag = weighted_bag(table.weight.detach(), all_idx, all_w, triton=table.triton)  # [sum T, d_local]
         return table._columns_to_owners(bag, counts, num_tokens)  # [T, dim]
 
     @staticmethod
@@ -139,12 +138,12 @@ class _ShardedLookup(torch.autograd.Function):
         if sum(counts) == 0:
             return grad_out.new_zeros(0, all_idx.shape[1]), None, None
         g_local = table._owners_to_columns(grad_out, counts)  # [sum T, d_local]
-        weight = table.weight.detach()
-        grad = row_sparse_grad(all_idx, all_w, g_local)  # value grad of the slice, all ranks' tokens
+        # value grad of the slice over all ranks' tokens, and the partial weight grads [sum T, K] fp32
+        # (dots over the local columns), from one sort of the lookups
+        grad, partial = lookup_backward(table.weight.detach(), all_idx, all_w, g_local, triton=table.triton)
         if table.grad_scale != 1.0:
             grad.values.mul_(table.grad_scale)
         table.accumulate_grad_(grad)
-        partial = weighted_bag_weights_grad(weight, all_idx, g_local)  # [sum T, K] fp32, local cols
         grad_weights = table._partials_to_owners(partial, counts, num_tokens)  # [T, K] fp32
         return grad_weights.to(all_w.dtype), None, None
 
