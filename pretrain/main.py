@@ -18,6 +18,7 @@ the model or the data are touched (``prepare_run``), and reported as one sentenc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -34,6 +35,7 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 if __package__ in (None, ""):  # run as a file, `pretrain` would not be importable
     sys.exit("error: run pretraining as a module: python -m pretrain.main ... or deepspeed --module pretrain.main ...")
 
+from pkm.memory_config import MemoryConfig  # noqa: E402
 from pretrain.config import (  # noqa: E402
     RunConfig,
     apply_overrides,
@@ -441,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_USAGE)
         print("Run-config keys and defaults:")
         print(json.dumps(config_to_dict(RunConfig()), indent=2))
+        print("model.memory keys and defaults (null above: the preset's memory; N = n_keys^2 slots):")
+        print(json.dumps(dataclasses.asdict(MemoryConfig()), indent=2))
         return 0
     try:
         prep = prepare_run(*parse_cli(argv))

@@ -417,6 +417,14 @@ def test_kill9_then_resume_is_exact(shards, run_root):
         assert sa["sampler"] == sb["sampler"] and sa["tokens_seen"] == sb["tokens_seen"]
 
 
+def test_help_lists_the_memory_keys(capsys):
+    from pretrain.main import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert '"n_keys": 512' in out and '"value_init": "normal"' in out and "N = n_keys^2" in out
+
+
 @pytest.mark.parametrize("script, module", [("pretrain/main.py", "pretrain.main"), ("pretrain/convert.py", "pretrain.convert")])
 def test_entry_run_as_a_file_says_to_use_the_module(script, module):
     p = subprocess.run([PY, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
