@@ -16,7 +16,7 @@ usage: ./run.sh <command> [args...]
   demo       the main job on the embedded default (real Wikipedia sample, MiniLM init, 2 CPU ranks)
   test       run the test suite (pytest; extra args go to pytest)
   prep       data prep: python -m data_prep ...            (./run.sh prep --help)
-  pretrain   deepspeed pretrain/main.py ...                (./run.sh pretrain --help)
+  pretrain   deepspeed --module pretrain.main ...       (./run.sh pretrain --help)
   convert    checkpoint -> Hugging Face folder             (./run.sh convert --help)
   finetune   one GLUE / SQuAD finetuning run               (./run.sh finetune --help)
   sweep      a grid of finetuning runs -> results table    (./run.sh sweep --help)
@@ -73,10 +73,10 @@ main() {
     prep)     cmd_setup; exec "$PY" -m data_prep "$@" ;;
     pretrain)
       cmd_setup
-      if need_help "$@"; then exec "$PY" pretrain/main.py --help; fi
+      if need_help "$@"; then exec "$PY" -m pretrain.main --help; fi
       # PKM_LAUNCHER_ARGS passes launcher options through (e.g. "--hostfile hosts --num_nodes 2").
       # shellcheck disable=SC2086
-      exec "$VENV/bin/deepspeed" ${PKM_LAUNCHER_ARGS:---num_gpus ${PKM_NUM_PROCS:-1}} pretrain/main.py "$@" ;;
+      exec "$VENV/bin/deepspeed" ${PKM_LAUNCHER_ARGS:---num_gpus ${PKM_NUM_PROCS:-1}} --module pretrain.main "$@" ;;
     convert)  cmd_setup; exec "$PY" -m pretrain.convert "$@" ;;
     finetune) cmd_setup; exec "$PY" -m finetune "$@" ;;
     sweep)    cmd_setup; exec "$PY" -m finetune.sweep "$@" ;;

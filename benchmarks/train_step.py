@@ -73,7 +73,7 @@ def build_variant(model_kwargs: dict, with_memory: bool, micro: int, seq: int, s
     if not with_memory:
         kwargs["memory_layers"] = []
     seed_everything(0)
-    model = BertPkmForMaskedLM(preset_config(preset, **kwargs))
+    model = BertPkmForMaskedLM(preset_config(preset, **kwargs), external_values=True)  # build_engine attaches
     model.train()
     n_all = sum(p.numel() for p in model.parameters())
     ds = _ds_config(cfg, micro, precision, device.type == "cuda")
