@@ -19,6 +19,7 @@ Layer shape (BERT-large): d = 1024, N = 512^2, 4 heads, top-32, k_dim 256, Batch
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import statistics
 import sys
@@ -194,8 +195,9 @@ def bench_kernels(args, bandwidth: float) -> list[dict]:
     # launch variants of the row-grouped backward (block_d, block_r, seg, num_warps): the value table
     # with dots, and a sub-key-like table (128 columns, 4096 rows, ~1000 lookups per row) without
     GL = triton_kernels.GroupedLaunch
-    for launch in (GL(256, 16, 32, 4), GL(512, 8, 32, 8), GL(1024, 4, 32, 8), GL(256, 8, 64, 4),
-                   GL(128, 16, 32, 4), GL(1024, 1, 1 << 30, 8)):
+    for launch in (GL(256, 8, 32, 4), GL(256, 16, 32, 4), GL(256, 8, 64, 4), GL(128, 16, 32, 4),
+                   GL(512, 4, 32, 4), GL(512, 8, 32, 8), GL(1024, 2, 32, 8), GL(1024, 4, 32, 8),
+                   GL(1024, 4, 64, 8), GL(1024, 1, 1 << 30, 8)):
         kernels[f"row_grouped {tuple(launch)}"] = (
             lambda launch=launch: triton_kernels.row_grouped_backward(
                 table, order.rows, offsets, order.perm, w, grad_out, True, launch),
@@ -230,6 +232,22 @@ def bench_kernels(args, bandwidth: float) -> list[dict]:
             print(f"| {name} | {ms:.3f} | - | - | - |")
         out.append(row)
     return out
+
+
+def use_fastest_launches(kernel_rows: list[dict]) -> dict:
+    """Make the row-grouped backward use, for the rest of this run, the launch the sweep found
+    fastest for the value table (dots, wide) and for the sub-keys (no dots, 128 columns); printed, so
+    the layer table says what it measured. The library default is set from these results."""
+    def best(prefix):
+        rows = [r for r in kernel_rows if r["kernel"].startswith(prefix)]
+        name = min(rows, key=lambda r: r["ms"])["kernel"]
+        return triton_kernels.GroupedLaunch(*ast.literal_eval(name[len(prefix):]))  # the printed tuple
+
+    values, subkeys = best("row_grouped "), best("sub-key grad ")
+    triton_kernels.default_grouped_launch = lambda cols: values if cols >= 256 else subkeys
+    print(f"\nlayer rows below use the fastest launches of the sweep: value table {tuple(values)}, "
+          f"sub-keys {tuple(subkeys)} (block_d, block_r, seg, num_warps)")
+    return {"values": list(values), "subkeys": list(subkeys)}
 
 
 def bench_value_step(args) -> list[dict]:
@@ -290,9 +308,10 @@ def run(args) -> None:
     print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")
     results = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__,
                "driver": _driver_version(), "copy_tbps": bandwidth / 1e12}
+    results["kernels"] = bench_kernels(args, bandwidth)
+    results["launch_used"] = use_fastest_launches(results["kernels"])
     if not args.skip_layer:
         results["layers"] = bench_layers(args)
-    results["kernels"] = bench_kernels(args, bandwidth)
     if not args.skip_opt:
         results["value_step"] = bench_value_step(args)
     if args.profile_out:
