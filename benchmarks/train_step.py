@@ -345,6 +345,8 @@ def run_row(row: str, shape: Shape, args, device: torch.device, precision: str, 
                 res.update(status="ok", ms_per_step=step_s * 1e3, peak_mem_gib=peak, **rates)
                 if args.check_syncs and i == 0:
                     res["host_syncs"] = check_syncs(built)
+                if args.profile:
+                    res["profile"] = profile_steps(built, device, args.profile, f"{args.current_model}_{row}_micro{micro}")
             except Exception as e:  # noqa: BLE001 - an OOM row is reported, anything else re-raised
                 if not _is_oom(e):
                     raise
@@ -368,6 +370,26 @@ def run_row(row: str, shape: Shape, args, device: torch.device, precision: str, 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
+
+
+def profile_steps(built: Built, device: torch.device, folder: str, name: str, steps: int = 3) -> str:
+    """torch.profiler over ``steps`` more steps; writes the key_averages table (by device time on
+    CUDA, CPU time otherwise) to ``folder/name.txt`` and returns its path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            built.step()
+        _sync(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"# {steps} steps of {name}, sorted by {sort_by}\n")
+        f.write(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=70))
+    return path
 
 
 def check_syncs(built: Built) -> list[dict[str, str]]:
@@ -487,6 +509,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder layers (memory layers stay eager)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="device peak TFLOP/s for MFU (790: H200 bf16)")
     p.add_argument("--check-syncs", action="store_true", help="report host-device syncs of one step per row")
+    p.add_argument("--profile", metavar="DIR", help="also profile 3 steps per row and micro-batch (torch.profiler); "
+                                                   "key_averages tables go to DIR/<model>_<row>_micro<m>.txt")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.gpu:
