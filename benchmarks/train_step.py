@@ -15,8 +15,8 @@ Rows, each at the same shape (model size, micro-batch, sequence length) on one d
 Columns: ms/step, seq/s, tokens/s, model TFLOP/s, MFU and peak memory. MFU uses the one formula of
 ``pretrain/throughput.py`` (printed with the table): FLOPs/sequence = (6 x non-embedding params +
 12*s*d*L) x s, over ``--peak-tflops`` (default 790: the bf16 matmul rate measured on one H200).
-Peak memory: ``torch.cuda.max_memory_allocated`` over the row (CUDA), the process's resident set
-size after the row (CPU).
+Peak memory: ``torch.cuda.max_memory_allocated`` while timing the row at that micro-batch, less what
+was allocated before the row was built (CUDA); the process's resident set size after the row (CPU).
 
 Synthetic MLM batches (15% of positions predicted, no padding; the index lists of masked positions
 and tokens made on the host like the real collate) are pre-built and pinned. Each row is built once,
@@ -323,8 +323,9 @@ def run_row(row: str, shape: Shape, args, device: torch.device, precision: str, 
     results: list[dict] = []
     base = {"row": row, "title": ROW_TITLES[row], "model": args.current_model, "precision": precision,
             "seq": shape.seq, "hidden": shape.hidden, "layers": shape.layers, "device": str(device)}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    # memory still held by earlier rows (a leak would show here) is not this row's
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    base["mem_baseline_gib"] = baseline / 2**30
     memory = {"mem_n_keys": args.n_keys, "mem_heads": args.mem_heads, "mem_knn": args.mem_knn}
     built = None
     try:
@@ -339,9 +340,14 @@ def run_row(row: str, shape: Shape, args, device: torch.device, precision: str, 
             res = {**base, "micro_batch": micro, "non_embedding_params": n_params, "flops_per_seq": flops}
             try:
                 built.set_batches(synthetic_batches(shape.vocab, micro, shape.seq, 4, device.type == "cuda"))
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)  # the row's static memory stays counted
                 step_s = time_row(built, device, args.warmup, args.steps)
                 rates = throughput_metrics(micro, micro * shape.seq, step_s, flops, args.peak_tflops)
-                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else _rss_gib()
+                if device.type == "cuda":
+                    peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30
+                else:
+                    peak = _rss_gib()
                 res.update(status="ok", ms_per_step=step_s * 1e3, peak_mem_gib=peak, **rates)
                 if args.check_syncs and i == 0:
                     res["host_syncs"] = check_syncs(built)

@@ -115,3 +115,27 @@ def test_bad_micro_batch_list_is_rejected_before_work():
     p = subprocess.run([sys.executable, "benchmarks/train_step.py", "--micro", "64,x"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "expected a list of integers like 64,256" in p.stderr
+
+
+def test_gpu_script_command_lines_parse(tmp_path):
+    """benchmarks/gpu_train_step.sh with a stand-in python that only parses each benchmark command
+    line: every flag is valid and every step writes its log (the real run needs a GPU)."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "benchmarks/train_step.py" ]; then shift; exec ' + sys.executable + ' -c "import sys; '
+        "from benchmarks.train_step import parse_args; a = parse_args(sys.argv[1:]); "
+        "print('PARSED', a.device, a.precision, a.models, a.micro, a.rows, a.compile)\" \"$@\"; fi\n"
+        "exit 0\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "EXTRA": "1", "PYTHONPATH": REPO}
+    p = subprocess.run(["bash", "benchmarks/gpu_train_step.sh"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    logs = {name: (out / f"{name}.log").read_text() for name in
+            ("base", "large", "profile", "large_zero2_default", "large_compile")}
+    assert "PARSED cuda bf16 ['base'] [64, 256] ['hf', 'ours', 'ours_pkm'] False" in logs["base"]
+    assert "PARSED cuda bf16 ['large'] [64, 256] ['hf', 'ours', 'ours_pkm'] False" in logs["large"]
+    assert "PARSED cuda bf16 ['large'] [256] ['ours_pkm'] False" in logs["profile"]
+    assert "['ours', 'ours_pkm']" in logs["large_zero2_default"] and "True" in logs["large_compile"]
