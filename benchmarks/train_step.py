@@ -318,6 +318,48 @@ def time_row(built: Built, device: torch.device, warmup: int, steps: int) -> flo
     return (time.perf_counter() - t0) / steps
 
 
+def build_row(row: str, shape: Shape, args, device: torch.device, precision: str, micro: int) -> Built:
+    if row == "hf":
+        return build_hf(shape, device, precision == "bf16", args.compile)
+    memory = {"mem_n_keys": args.n_keys, "mem_heads": args.mem_heads, "mem_knn": args.mem_knn}
+    return build_ours(shape, row == "ours_pkm", memory, device, precision, micro, args.compile, args.ds_config)
+
+
+def run_interleaved(shape: Shape, args, device: torch.device, precision: str, micros: list[int]) -> list[dict]:
+    """CPU on a shared machine: every row built first, then stepped in turn (hf, ours, ours_pkm, hf,
+    ...) so that load from other jobs hits all alike; the median step is reported."""
+    import statistics
+
+    built = {row: build_row(row, shape, args, device, precision, micros[0]) for row in args.rows}
+    results = []
+    try:
+        for micro in micros:
+            times: dict[str, list[float]] = {row: [] for row in built}
+            for b in built.values():
+                b.set_batches(synthetic_batches(shape.vocab, micro, shape.seq, 4, device.type == "cuda"))
+            for i in range(args.warmup + args.steps):
+                for row, b in built.items():
+                    step_s = time_row(b, device, 0, 1)
+                    if i >= args.warmup:
+                        times[row].append(step_s)
+            for row, b in built.items():
+                n_params = non_embedding_params(b.module)
+                flops = flops_per_sequence(n_params, shape.seq, shape.hidden, shape.layers)
+                step_s = statistics.median(times[row])
+                res = {"row": row, "title": ROW_TITLES[row], "model": args.current_model, "precision": precision,
+                       "seq": shape.seq, "hidden": shape.hidden, "layers": shape.layers, "device": str(device),
+                       "micro_batch": micro, "non_embedding_params": n_params, "flops_per_seq": flops,
+                       "status": "ok", "ms_per_step": step_s * 1e3, "ms_per_step_min": min(times[row]) * 1e3,
+                       "peak_mem_gib": _rss_gib(),
+                       **throughput_metrics(micro, micro * shape.seq, step_s, flops, args.peak_tflops)}
+                results.append(res)
+                print("# measured: " + _table_line(res), flush=True)
+    finally:
+        for b in built.values():
+            b.close()
+    return results
+
+
 def run_row(row: str, shape: Shape, args, device: torch.device, precision: str, micros: list[int]) -> list[dict]:
     """Build one row, time it at each micro-batch (increasing; stop at the first OOM), free it."""
     results: list[dict] = []
@@ -326,14 +368,9 @@ def run_row(row: str, shape: Shape, args, device: torch.device, precision: str, 
     # memory still held by earlier rows (a leak would show here) is not this row's
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     base["mem_baseline_gib"] = baseline / 2**30
-    memory = {"mem_n_keys": args.n_keys, "mem_heads": args.mem_heads, "mem_knn": args.mem_knn}
     built = None
     try:
-        if row == "hf":
-            built = build_hf(shape, device, precision == "bf16", args.compile)
-        else:
-            built = build_ours(shape, row == "ours_pkm", memory, device, precision, micros[0], args.compile,
-                               args.ds_config)
+        built = build_row(row, shape, args, device, precision, micros[0])
         n_params = non_embedding_params(built.module)
         flops = flops_per_sequence(n_params, shape.seq, shape.hidden, shape.layers)
         for i, micro in enumerate(micros):
@@ -514,6 +551,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                        "replaced); default: ZeRO-2 as in the original measurement")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder layers (memory layers stay eager)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="device peak TFLOP/s for MFU (790: H200 bf16)")
+    p.add_argument("--interleave", action="store_true",
+                   help="CPU only: build every row first and step them in turn (median step), so load from other "
+                        "jobs on a shared machine hits all rows alike; peak memory is then the whole process's")
     p.add_argument("--check-syncs", action="store_true", help="report host-device syncs of one step per row")
     p.add_argument("--profile", metavar="DIR", help="also profile 3 steps per row and micro-batch (torch.profiler); "
                                                    "key_averages tables go to DIR/<model>_<row>_micro<m>.txt")
@@ -528,6 +568,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if args.steps <= 0 or args.warmup < 0 or args.seq < 8 or args.peak_tflops <= 0 or args.vocab < 256:
         p.error("--steps must be positive, --warmup >= 0, --seq >= 8, --vocab >= 256 and --peak-tflops positive")
+    if args.interleave and (args.device != "cpu" or args.check_syncs or args.profile):
+        p.error("--interleave is for CPU timing only (without --check-syncs and --profile)")
     if args.ds_config and not os.path.isfile(args.ds_config):
         p.error(f"--ds-config {args.ds_config} does not exist")
     return args
@@ -574,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         args.current_model = model
         shape = model_shape(model, args)
+        if args.interleave:
+            rows.extend(run_interleaved(shape, args, device, args.precision, args.micro))
+            continue
         for row in args.rows:
             rows.extend(run_row(row, shape, args, device, args.precision, args.micro))
     print("\n" + markdown_table(rows, args.peak_tflops), flush=True)
