@@ -16,7 +16,7 @@ usage: ./run.sh <command> [args...]
   demo       the main job on the embedded default (real Wikipedia sample, MiniLM init, 2 CPU ranks)
   test       run the test suite (pytest; extra args go to pytest)
   prep       data prep: python -m data_prep ...            (./run.sh prep --help)
-  pretrain   deepspeed pretrain/main.py ...                (./run.sh pretrain --help)
+  pretrain   deepspeed --module pretrain.main ...       (./run.sh pretrain --help)
   convert    checkpoint -> Hugging Face folder             (./run.sh convert --help)
   finetune   one GLUE / SQuAD finetuning run               (./run.sh finetune --help)
   sweep      a grid of finetuning runs -> results table    (./run.sh sweep --help)
@@ -42,7 +42,8 @@ cmd_setup() {
   # torch first and pinned: otherwise a dependency asking for torch pulls a multi-GB CUDA build.
   # On GPU images (docker/) torch is already in the base image and PKM_SKIP_TORCH=1 keeps it.
   if [[ "${PKM_SKIP_TORCH:-0}" != "1" ]]; then
-    "$PY" -m pip install -q -c constraints.txt torch
+    # triton: the GPU kernels (pkm/triton_kernels.py); on CPU its interpreter lets the tests check them
+    "$PY" -m pip install -q -c constraints.txt torch triton
   fi
   # DeepSpeed builds from source; DS_BUILD_OPS=0 keeps it light (ops JIT-compile on first use).
   # With the image's own torch (PKM_SKIP_TORCH=1) the CPU pin must not apply: pin what is installed.
@@ -72,10 +73,10 @@ main() {
     prep)     cmd_setup; exec "$PY" -m data_prep "$@" ;;
     pretrain)
       cmd_setup
-      if need_help "$@"; then exec "$PY" pretrain/main.py --help; fi
+      if need_help "$@"; then exec "$PY" -m pretrain.main --help; fi
       # PKM_LAUNCHER_ARGS passes launcher options through (e.g. "--hostfile hosts --num_nodes 2").
       # shellcheck disable=SC2086
-      exec "$VENV/bin/deepspeed" ${PKM_LAUNCHER_ARGS:---num_gpus ${PKM_NUM_PROCS:-1}} pretrain/main.py "$@" ;;
+      exec "$VENV/bin/deepspeed" ${PKM_LAUNCHER_ARGS:---num_gpus ${PKM_NUM_PROCS:-1}} --module pretrain.main "$@" ;;
     convert)  cmd_setup; exec "$PY" -m pretrain.convert "$@" ;;
     finetune) cmd_setup; exec "$PY" -m finetune "$@" ;;
     sweep)    cmd_setup; exec "$PY" -m finetune.sweep "$@" ;;

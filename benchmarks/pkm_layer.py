@@ -11,6 +11,11 @@ Prints, in one run:
 
 Usage: python benchmarks/pkm_layer.py [--iters 5] [--tokens 4096] [--dim 768] [--opt-dim 768]
        [--threads N] [--skip-layer] [--skip-opt] [--profile] [--compare-torch-adam]
+       python benchmarks/pkm_layer.py --device cuda [--xlm-src PATH] [--json out.json] [--profile-out prof.txt]
+
+``--device cuda`` runs the GPU benchmark instead (benchmarks/pkm_layer_gpu.py: Triton kernels vs the
+torch-op path vs XLM's HashingMemory vs the FFN at 4k/16k/64k tokens in fp32 and bf16, each value
+kernel's bytes/s against the copy bandwidth, and the value step against N), at d = 1024 by default.
 
 --compare-torch-adam adds, interleaved in the same run, the PKM step with SparseAdam's torch-op path
 (``native = False``) beside the default (fused C kernel on CPU when a compiler exists), and the same
@@ -176,7 +181,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dim", type=int, default=None, help="model dim (default 768 on CPU, 1024 on CUDA)")
     ap.add_argument("--n-keys", type=int, default=512)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--knn", type=int, default=32)
@@ -189,7 +195,23 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one PKM step")
     ap.add_argument("--compare-torch-adam", action="store_true",
                     help="also time the PKM step / value step with SparseAdam's torch-op path, interleaved")
+    ap.add_argument("--xlm-src", default=None, help="CUDA: a facebookresearch/XLM checkout, to time its HashingMemory")
+    ap.add_argument("--token-counts", type=lambda v: [int(x) for x in v.split(",")], default=[4096, 16384, 65536],
+                    help="CUDA: comma-separated token counts of the layer table")
+    ap.add_argument("--kernel-tokens", type=int, default=16384, help="CUDA: tokens for the per-kernel table")
+    ap.add_argument("--json", default=None, help="CUDA: write all numbers to this JSON file")
+    ap.add_argument("--profile-out", default=None, help="CUDA: write a torch.profiler table of one step here")
     args = ap.parse_args()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible to torch.")
+        args.dim = args.dim or 1024
+        args.iters = max(args.iters, 10)
+        import pkm_layer_gpu  # beside this script
+
+        pkm_layer_gpu.run(args)
+        return
+    args.dim = args.dim or 768
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, nproc {os.cpu_count()}, "

@@ -257,7 +257,7 @@ def build_ours(shape: Shape, with_memory: bool, memory: dict, device: torch.devi
                   max_position_embeddings=max(512, shape.seq),
                   memory_layers=[(shape.layers - 1) // 2] if with_memory else [], **memory)
     seed_everything(0)
-    model = BertPkmForMaskedLM(preset_config("bert-base", **kwargs))
+    model = BertPkmForMaskedLM(preset_config("bert-base", **kwargs), external_values=True)  # build_engine attaches
     model.set_attn_implementation(cfg.model.attn_implementation)
     model.train()
     ds = _ds_config(cfg, micro, precision, device.type == "cuda", ds_path)

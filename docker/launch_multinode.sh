@@ -66,8 +66,8 @@ need() {
 }
 
 train_args() {
-  # The pretraining entry: deepspeed pretrain/main.py --deepspeed_config ... --config ... [overrides]
-  printf '%s\n' pretrain/main.py --deepspeed_config "$DS_CONFIG" --config "$RUN_CONFIG"
+  # The pretraining entry: deepspeed --module pretrain.main --deepspeed_config ... --config ... [overrides]
+  printf '%s\n' --module pretrain.main --deepspeed_config "$DS_CONFIG" --config "$RUN_CONFIG"
 }
 
 cmd="${1:-}"; shift || true

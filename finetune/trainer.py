@@ -50,19 +50,14 @@ def resolve_device(name: str | None) -> torch.device:
 # ------------------------------------------------------------------------------------- models
 
 
-def register_pkm_models() -> bool:
-    """Import pkm.modeling so the Auto classes know model_type "bert_pkm". False if unavailable."""
-    try:
-        import pkm.modeling  # noqa: F401  (registers BertPkm* with the Auto classes)
-    except ImportError:
-        return False
-    return True
+def register_pkm_models() -> None:
+    """Import pkm.modeling so the Auto classes know model_type "bert_pkm" (pkm is part of this
+    project, so there is no fallback for its absence)."""
+    import pkm.modeling  # noqa: F401  (registers BertPkm* with the Auto classes)
 
 
 def value_tables(model: torch.nn.Module) -> list:
-    """The model's PKM value tables ([] for a plain BERT or when pkm.modeling is absent)."""
-    if not register_pkm_models():
-        return []
+    """The model's PKM value tables ([] for a plain BERT)."""
     import pkm.modeling
     return list(pkm.modeling.value_tables(model))
 

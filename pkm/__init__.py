@@ -1,10 +1,12 @@
 """Product-key memory library: the layer, value tables with row-sparse grads, sparse Adam."""
 
 from pkm.memory import MemoryOutput, ProductKeyMemory, product_key_topk
+from pkm.memory_config import MemoryConfig
 from pkm.sparse_adam import SparseAdam
 from pkm.values import SparseGrad, ValueTable
 
 __all__ = [
+    "MemoryConfig",
     "MemoryOutput",
     "ProductKeyMemory",
     "product_key_topk",
@@ -15,19 +17,25 @@ __all__ = [
 
 # --- Model side (pkm/modeling.py, pkm/presets.py), loaded on first use: importing transformers
 # takes seconds, which the memory/value code and its spawned worker processes should not pay.
-# Touching any of these names (or `import pkm.modeling`) registers "bert_pkm" with the Auto classes.
+# Touching any of these names (or `import pkm.modeling`) registers "bert_pkm" with the Auto classes;
+# without that, pkm.hf_auto registers it lazily, so `import pkm` is enough for AutoModel*.from_pretrained.
 _LAZY_EXPORTS = {
     **dict.fromkeys(
         (
             "BertPkmConfig", "BertPkmModel", "BertPkmForMaskedLM", "BertPkmForSequenceClassification",
             "BertPkmForQuestionAnswering", "BertPkmPreTrainedModel", "memory_modules", "value_tables",
-            "last_memory_outputs", "parameter_groups", "init_from_pretrained_bert", "InitReport",
+            "last_memory_outputs", "parameter_groups",
         ),
         "pkm.modeling",
     ),
+    **dict.fromkeys(("init_from_pretrained_bert", "InitReport"), "pkm.init_from_bert"),
     **dict.fromkeys(("preset_config", "PRESETS"), "pkm.presets"),
 }
 __all__ += list(_LAZY_EXPORTS)
+
+from pkm import hf_auto as _hf_auto  # noqa: E402
+
+_hf_auto.install()
 
 
 def __getattr__(name: str):

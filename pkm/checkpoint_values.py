@@ -14,7 +14,7 @@ holds, through memory-mapped ``torch.load``) or into one unsharded ``ValueTable`
 returns the full tensors (the converter's path to one HF checkpoint); ``reshard_value_checkpoint``
 rewrites a folder for another world size offline.
 
-Tables are named by the caller (``shard_memory_values`` returns {module path: table}); the same names
+Tables are named by the caller (``attach_sharded_values`` returns {module path: table}); the same names
 must be used to load. Mismatches (unknown name, different num_rows or dim, a missing shard file)
 raise ValueError before any table is modified.
 """

@@ -1,7 +1,9 @@
 """Configuration of BERT with product-key memory layers (``model_type = "bert_pkm"``).
 
-A plain ``BertConfig`` plus where the memory goes (``memory_layers``, ``memory_mode``) and the
-memory's own hyper-parameters (``mem_*``, Lample et al. 2019 defaults). Every BERT field keeps its
+A plain ``BertConfig`` plus the memory: a ``pkm.memory_config.MemoryConfig`` stored flat under
+Hugging Face names (``memory_layers``, ``memory_mode``, ``mem_*``), so config.json files stay plain
+JSON and older ones keep loading; ``config.memory`` gives the typed view, and
+``BertPkmConfig.with_memory(memory, **bert_fields)`` builds one from it. Every BERT field keeps its
 meaning, so a BERT checkpoint's config.json can be extended field by field.
 """
 
@@ -11,43 +13,50 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
-__all__ = ["BertPkmConfig", "MEMORY_MODES", "QUERY_NORMS", "VALUE_INITS"]
+from pkm.hf_auto import ensure_model_classes_registered, register_config_if_auto_loaded
+from pkm.memory_config import MEMORY_MODES, QUERY_NORMS, VALUE_INITS, MemoryConfig
 
-MEMORY_MODES = ("replace", "residual")
-QUERY_NORMS = ("batchnorm", "layernorm")
-VALUE_INITS = ("normal", "zeros")
+__all__ = ["BertPkmConfig", "MemoryConfig", "MEMORY_MODES", "QUERY_NORMS", "VALUE_INITS"]
+
+_DEFAULT = MemoryConfig  # its class attributes are the field defaults: one home for them
 
 
 @strict
 class BertPkmConfig(BertConfig):
     r"""BERT config with product-key memory.
 
-    memory_layers (`list[int]`): 0-based encoder layer indices that hold a memory. ``None`` (the
-        default) means one memory in the middle layer, index ``(num_hidden_layers - 1) // 2``
-        (layer 6 of 12 counted from 1, Lample's placement); ``[]`` means no memory.
-    memory_mode (`str`): ``"replace"``: the memory takes the FFN's place, h' = LN(h + PKM(h));
-        ``"residual"`` (ResM, Kim & Jung 2020): h' = LN(h + FFN(h) + PKM(h)).
-    mem_n_keys, mem_heads, mem_knn, mem_k_dim: sub-keys per half (n, N = n^2 slots), memory heads
-        H, selected slots per head k, key dimension.
-    mem_query_norm: ``"batchnorm"`` (Lample's best) or ``"layernorm"``.
-    mem_value_init: ``"normal"`` (std dim^-0.5) or ``"zeros"`` (a new memory then adds exactly 0,
-        so a model initialised from plain BERT in residual mode reproduces it).
-    mem_input_dropout, mem_query_dropout, mem_value_dropout: dropout probabilities.
+    The memory fields are ``MemoryConfig``'s (see it for their meaning), named ``memory_layers``,
+    ``memory_mode`` and ``mem_<field>`` (``mem_n_keys`` = n sub-keys per half: N = n^2 slots).
+    ``memory_layers=None`` resolves to the middle layer, index ``(num_hidden_layers - 1) // 2``
+    (layer 6 of 12 counted from 1, Lample's placement); ``[]`` means no memory.
     """
 
     model_type = "bert_pkm"
 
     memory_layers: list[int] | None = None
-    memory_mode: str = "residual"
-    mem_n_keys: int = 512
-    mem_heads: int = 4
-    mem_knn: int = 32
-    mem_k_dim: int = 256
-    mem_query_norm: str = "batchnorm"
-    mem_value_init: str = "normal"
-    mem_input_dropout: float | int = 0.0
-    mem_query_dropout: float | int = 0.0
-    mem_value_dropout: float | int = 0.0
+    memory_mode: str = _DEFAULT.mode
+    mem_n_keys: int = _DEFAULT.n_keys
+    mem_heads: int = _DEFAULT.heads
+    mem_knn: int = _DEFAULT.knn
+    mem_k_dim: int = _DEFAULT.k_dim
+    mem_query_norm: str = _DEFAULT.query_norm
+    mem_value_init: str = _DEFAULT.value_init
+    mem_input_dropout: float | int = _DEFAULT.input_dropout
+    mem_query_dropout: float | int = _DEFAULT.query_dropout
+    mem_value_dropout: float | int = _DEFAULT.value_dropout
+
+    @classmethod
+    def with_memory(cls, memory: MemoryConfig, **bert_fields) -> "BertPkmConfig":
+        """A config from BERT fields (hidden_size, ...) and a MemoryConfig."""
+        clash = sorted(set(bert_fields) & set(memory.to_bert_pkm_fields()))
+        if clash:
+            raise ValueError(f"{clash} are memory settings: set them in the MemoryConfig, not beside it.")
+        return cls(**bert_fields, **memory.to_bert_pkm_fields())
+
+    @property
+    def memory(self) -> MemoryConfig:
+        """The memory settings as a (validated) MemoryConfig."""
+        return MemoryConfig.from_bert_pkm_fields(self)
 
     def __post_init__(self, **kwargs):
         if self.memory_layers is None:
@@ -59,6 +68,9 @@ class BertPkmConfig(BertConfig):
         # Validated here (not only in validate_architecture) so bad values raise a plain ValueError
         # at construction: `@strict` wraps validator errors in its own non-ValueError exception.
         self.validate_memory()
+        # An Auto class is loading a bert_pkm folder (or will build from this config): make sure it
+        # finds the model classes (pkm.hf_auto; a no-op while the Auto machinery is not in use).
+        ensure_model_classes_registered()
 
     def validate_architecture(self):
         """Part of `@strict` validation (``config.validate()``)."""
@@ -74,43 +86,14 @@ class BertPkmConfig(BertConfig):
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads})."
             )
-        layers = list(self.memory_layers or [])
-        bad = [i for i in layers if not 0 <= i < self.num_hidden_layers]
-        if bad:
-            raise ValueError(
-                f"memory_layers {bad} are out of range: the model has {self.num_hidden_layers} "
-                f"layers, so indices must be in [0, {self.num_hidden_layers - 1}]."
-            )
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"memory_layers {layers} lists a layer more than once.")
-        if self.memory_mode not in MEMORY_MODES:
-            raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {self.memory_mode!r}.")
-        if self.mem_query_norm not in QUERY_NORMS:
-            raise ValueError(
-                f"mem_query_norm must be one of {QUERY_NORMS}, got {self.mem_query_norm!r}."
-            )
-        if self.mem_value_init not in VALUE_INITS:
-            raise ValueError(
-                f"mem_value_init must be one of {VALUE_INITS}, got {self.mem_value_init!r}."
-            )
-        for name in ("mem_n_keys", "mem_heads", "mem_knn", "mem_k_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
-        if self.mem_knn > self.mem_n_keys:
-            raise ValueError(
-                f"mem_knn ({self.mem_knn}) cannot exceed mem_n_keys ({self.mem_n_keys}): each half "
-                f"of a query picks its top-k among n sub-keys."
-            )
-        if self.mem_k_dim % 2 != 0:
-            raise ValueError(
-                f"mem_k_dim ({self.mem_k_dim}) must be even: a query is split into two halves."
-            )
-        for name in ("mem_input_dropout", "mem_query_dropout", "mem_value_dropout"):
-            p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {p}.")
+        # MemoryConfig holds the rules for the memory fields; only the layer range needs the model
+        self.memory.layer_indices(self.num_hidden_layers)
 
     @property
     def num_memory_slots(self) -> int:
         """N = n_keys^2 slots per memory."""
-        return self.mem_n_keys**2
+        return self.memory.num_slots
+
+
+# transformers' Auto configs may have loaded while this module imported transformers (pkm.hf_auto)
+register_config_if_auto_loaded()

@@ -14,17 +14,14 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from typing import TYPE_CHECKING
-
 import torch
 from transformers import BertConfig
 
 from pkm.configuration import BertPkmConfig
+from pkm.memory_config import MemoryConfig
+from pkm.modeling import BertPkmForMaskedLM, BertPkmPreTrainedModel
 
-if TYPE_CHECKING:  # pkm.modeling re-exports this module's names, so it is imported lazily
-    from pkm.modeling import BertPkmPreTrainedModel
-
-__all__ = ["InitReport", "init_from_pretrained_bert", "load_bert_state_dict"]
+__all__ = ["InitReport", "bert_pkm_config_from_bert", "init_from_pretrained_bert", "load_bert_state_dict"]
 
 # Config entries that describe the source file, not the architecture.
 _SOURCE_ONLY_CONFIG_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path")
@@ -128,28 +125,47 @@ def _source_config(path_or_dir: str) -> BertConfig:
     return BertConfig.from_pretrained(config_dir)
 
 
+def _architecture_fields(path_or_dir: str) -> dict:
+    """The checkpoint's config.json fields that describe the architecture."""
+    base = _source_config(path_or_dir).to_dict()
+    for key in _SOURCE_ONLY_CONFIG_KEYS:
+        base.pop(key, None)
+    return base
+
+
+def bert_pkm_config_from_bert(path_or_dir: str, memory: MemoryConfig | None = None, **overrides) -> BertPkmConfig:
+    """The BertPkmConfig for a memory-less BERT checkpoint (reads its config.json only): its
+    architecture, ``memory`` (default: ``MemoryConfig()``, one memory in the middle layer), then
+    ``overrides`` (any BertPkmConfig field)."""
+    memory_fields = (memory or MemoryConfig()).to_bert_pkm_fields()
+    return BertPkmConfig(**{**_architecture_fields(path_or_dir), **memory_fields, **overrides})
+
+
 def init_from_pretrained_bert(
     path_or_dir: str,
     config_overrides: dict | None = None,
     *,
     model_class: type[BertPkmPreTrainedModel] | None = None,
+    config: BertPkmConfig | None = None,
+    external_values: bool = False,
     **overrides,
 ) -> tuple[BertPkmPreTrainedModel, InitReport]:
     """Build ``model_class`` (default BertPkmForMaskedLM) from a local memory-less BERT checkpoint.
 
-    The architecture comes from the checkpoint's config.json; ``config_overrides`` (a dict) and/or
-    keyword ``overrides`` set the memory fields (memory_layers, memory_mode, mem_*) or anything
-    else. Returns the model in eval mode (like ``from_pretrained``) and an InitReport.
+    ``config``: the BertPkmConfig to build (e.g. from ``bert_pkm_config_from_bert``, already
+    checked). Without it, the architecture comes from the checkpoint's config.json and
+    ``config_overrides`` (a dict) and/or keyword ``overrides`` set the memory fields
+    (memory_layers, memory_mode, mem_*) or anything else. Returns the model in eval mode (like
+    ``from_pretrained``) and an InitReport. ``external_values=True``: the memories get no value
+    tables (handed in later, see ``ProductKeyMemory.attach_values``).
     """
-    from pkm.modeling import BertPkmForMaskedLM
-
     model_class = BertPkmForMaskedLM if model_class is None else model_class
     all_overrides = {**(config_overrides or {}), **overrides}
-    base = _source_config(path_or_dir).to_dict()
-    for key in _SOURCE_ONLY_CONFIG_KEYS:
-        base.pop(key, None)
-    config = BertPkmConfig(**{**base, **all_overrides})
-    model = model_class(config)
+    if config is None:
+        config = BertPkmConfig(**{**_architecture_fields(path_or_dir), **all_overrides})
+    elif all_overrides:
+        raise ValueError(f"pass either a config or overrides {sorted(all_overrides)}, not both.")
+    model = model_class(config, external_values=external_values)
 
     source = load_bert_state_dict(path_or_dir)
     prefix = model.base_model_prefix + "."

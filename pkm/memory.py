@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pkm.memory_config import MemoryConfig
 from pkm.values import ValueTable, row_sparse_grad, weighted_bag, weighted_bag_weights_grad
 
 __all__ = ["MemoryOutput", "ProductKeyMemory", "QueryBatchNorm", "product_key_topk"]
-
-_QUERY_NORMS = ("batchnorm", "layernorm")
 
 
 class MemoryOutput(NamedTuple):
@@ -101,14 +100,15 @@ def _candidate_pairs(knn: int, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def product_key_topk(
-    query: torch.Tensor, keys: torch.Tensor, knn: int
+    query: torch.Tensor, keys: torch.Tensor, knn: int, triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``knn`` product keys per token and head.
 
     query [T, H, k_dim], keys [H, 2, n, k_dim/2]  ->  (scores [T, H, knn], indices [T, H, knn]),
     scores sorted descending, indices in [0, n^2) as ``i1 * n + i2``.
     The top-k of s1[a] + s2[b] always lies in top-k(s1) x top-k(s2) (and, with both sorted, among the
-    pairs with (a + 1)(b + 1) <= k), so this equals scoring all n^2.
+    pairs with (a + 1)(b + 1) <= k), so this equals scoring all n^2. ``triton`` selects the kernels of
+    the picked-score gather-dots as in ``pkm.values.triton_enabled``.
     """
     t, h, k_dim = query.shape
     n = keys.shape[2]
@@ -138,7 +138,7 @@ def product_key_topk(
         pick = (torch.stack([i1, i2], dim=1).permute(2, 0, 1, 3) + set_offset).reshape(t * h * 2, knn)
     # differentiable scores of the chosen slots, <q1, K1[i1]> + <q2, K2[i2]>, as k gather-dots per
     # (token, sub-key set): gradients touch only the picked sub-keys, never a dense [H*2, T, n] grad
-    dots = _PickedDots.apply(query.reshape(t * h * 2, half), keys_flat, pick)  # [T*H*2, knn]
+    dots = _PickedDots.apply(query.reshape(t * h * 2, half), keys_flat, pick, triton)  # [T*H*2, knn]
     dots = dots.view(t, h, 2, knn)
     scores = dots[:, :, 0] + dots[:, :, 1]  # [T, H, knn], sorted descending up to rounding
     return scores, indices.transpose(0, 1)  # [T, H, knn]
@@ -153,11 +153,14 @@ class _PickedDots(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, table: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, rows: torch.Tensor, table: torch.Tensor, pick: torch.Tensor, triton: bool | None
+    ) -> torch.Tensor:
         rows32, table32 = rows.float(), table.float()
         ctx.save_for_backward(rows32, table32, pick)
         ctx.dtypes = rows.dtype, table.dtype
-        out = weighted_bag_weights_grad(table32, pick, rows32, sort_rows=False)  # [R, knn] fp32
+        ctx.triton = triton
+        out = weighted_bag_weights_grad(table32, pick, rows32, sort_rows=False, triton=triton)  # [R, knn] fp32
         return out.to(rows.dtype)
 
     @staticmethod
@@ -167,12 +170,19 @@ class _PickedDots(torch.autograd.Function):
         g = grad_out.float()  # [R, knn]
         grad_rows = grad_table = None
         if ctx.needs_input_grad[0]:
-            grad_rows = weighted_bag(table32, pick, g).to(rows_dtype)  # [R, half]
+            grad_rows = weighted_bag(table32, pick, g, triton=ctx.triton).to(rows_dtype)  # [R, half]
         if ctx.needs_input_grad[1]:
-            sparse = row_sparse_grad(pick, g, rows32)  # [U] sub-keys, [U, half]
+            sparse = row_sparse_grad(pick, g, rows32, triton=ctx.triton)  # [U] sub-keys, [U, half]
             grad_table = table32.new_zeros(table32.shape).index_copy_(0, sparse.rows, sparse.values)
             grad_table = grad_table.to(table_dtype)
-        return grad_rows, grad_table, None
+        return grad_rows, grad_table, None, None
+
+
+class _ExternalTable(NamedTuple):
+    """A reference to a value table kept outside the module tree (a plain attribute value, which
+    ``nn.Module.__setattr__`` does not register as a submodule)."""
+
+    table: ValueTable | None
 
 
 class ProductKeyMemory(nn.Module):
@@ -191,19 +201,17 @@ class ProductKeyMemory(nn.Module):
         input_dropout: float = 0.0,
         query_dropout: float = 0.0,
         value_dropout: float = 0.0,
+        external_values: bool = False,
     ) -> None:
+        """``external_values=True``: build no value table; one is handed in with ``attach_values``
+        (a column shard made on this rank only, held outside the module tree)."""
         super().__init__()
-        if min(input_dim, output_dim, n_keys, heads, knn, k_dim) <= 0:
-            raise ValueError("ProductKeyMemory sizes (dims, n_keys, heads, knn, k_dim) must be positive.")
-        if k_dim % 2 != 0:
-            raise ValueError(f"k_dim must be even (it is split in two halves), got {k_dim}.")
-        if knn > n_keys:
-            raise ValueError(f"knn ({knn}) cannot exceed n_keys ({n_keys}): top-k per half needs k <= n.")
-        if query_norm not in _QUERY_NORMS:
-            raise ValueError(f"query_norm must be one of {_QUERY_NORMS}, got {query_norm!r}.")
-        for name, p in (("input", input_dropout), ("query", query_dropout), ("value", value_dropout)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name}_dropout must be in [0, 1), got {p}.")
+        if min(input_dim, output_dim) <= 0:
+            raise ValueError(f"ProductKeyMemory dims must be positive, got {input_dim} -> {output_dim}.")
+        # the memory's own settings follow MemoryConfig's rules (their one home)
+        MemoryConfig(n_keys=n_keys, heads=heads, knn=knn, k_dim=k_dim, query_norm=query_norm,
+                     value_init=value_init, input_dropout=input_dropout, query_dropout=query_dropout,
+                     value_dropout=value_dropout)
         self.input_dim = input_dim
         self.output_dim = output_dim
         self.n_keys = n_keys
@@ -214,6 +222,7 @@ class ProductKeyMemory(nn.Module):
         self.input_dropout = input_dropout
         self.query_dropout = query_dropout
         self.value_dropout = value_dropout
+        self.value_init = value_init
 
         # query network: Linear -> Norm over H*k_dim features (real tokens only)
         self.query_proj = nn.Linear(input_dim, heads * k_dim)
@@ -222,9 +231,24 @@ class ProductKeyMemory(nn.Module):
         )
         # two sub-key sets per head: [H, 2, n, k_dim/2]
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, k_dim // 2))
-        self.values = ValueTable(self.size, output_dim, init=value_init)
-        self._external_values: ValueTable | None = None
+        # the value table [N, output_dim]: a submodule ("values", in the state_dict) when the
+        # memory owns it; an external one is only referenced (see attach_values)
+        if not external_values:
+            self.values = ValueTable(self.size, output_dim, init=value_init)
+        self._attached = _ExternalTable(None)
         self.reset_keys()
+
+    @classmethod
+    def from_config(
+        cls, input_dim: int, output_dim: int, memory: MemoryConfig, external_values: bool = False
+    ) -> "ProductKeyMemory":
+        """The layer for ``memory`` (``layers`` and ``mode`` are the model's business)."""
+        return cls(
+            input_dim, output_dim, n_keys=memory.n_keys, heads=memory.heads, knn=memory.knn,
+            k_dim=memory.k_dim, query_norm=memory.query_norm, value_init=memory.value_init,
+            input_dropout=memory.input_dropout, query_dropout=memory.query_dropout,
+            value_dropout=memory.value_dropout, external_values=external_values,
+        )
 
     def reset_keys(self) -> None:
         # Lample: uniform in +-1/sqrt(half dim)
@@ -234,24 +258,38 @@ class ProductKeyMemory(nn.Module):
 
     # -- value table plumbing ---------------------------------------------------------------------
 
-    def use_external_values(self, table: ValueTable) -> None:
-        """Look values up in ``table`` from now on; it is NOT registered as a submodule (a sharded
-        table held by the trainer outside the DeepSpeed engine)."""
+    @property
+    def owns_values(self) -> bool:
+        """True when the table is this module's own submodule (built with external_values=False)."""
+        return "values" in self._modules
+
+    def attach_values(self, table: ValueTable) -> None:
+        """Hand in the value table of a memory built with ``external_values=True``, e.g. this rank's
+        ``ShardedValueTable``. It is referenced, not registered: not a submodule, not in
+        ``parameters()`` or the state_dict, so an engine wrapping the model (DeepSpeed) never
+        broadcasts, casts or partitions it; its owner (the trainer) optimises and saves it."""
+        if self.owns_values:
+            raise ValueError(
+                "this memory owns its value table; build it with external_values=True to hand one in."
+            )
         if table.num_rows != self.size or table.dim != self.output_dim:
             raise ValueError(
-                f"external value table is {table.num_rows} x {table.dim}, this memory needs "
-                f"{self.size} x {self.output_dim}."
+                f"value table is {table.num_rows} x {table.dim}, this memory needs "
+                f"{self.size} x {self.output_dim} (N = n_keys^2 = {self.n_keys}^2 rows)."
             )
-        if "values" in self._modules:
-            del self._modules["values"]
-        object.__setattr__(self, "_external_values", table)
-        object.__setattr__(self, "values", table)  # plain attribute: not a submodule
+        self._attached = _ExternalTable(table)
 
     @property
     def value_table(self) -> ValueTable:
-        if self._external_values is not None:
-            return self._external_values
-        return self._modules["values"]  # type: ignore[return-value]
+        """The table lookups go to: the own one, or the attached one."""
+        if self.owns_values:
+            return self._modules["values"]  # type: ignore[return-value]
+        if self._attached.table is None:
+            raise ValueError(
+                "this memory was built with external_values=True and has no value table yet: hand "
+                "one in with attach_values (pkm.sharded_values.attach_sharded_values for a model)."
+            )
+        return self._attached.table
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -297,7 +335,8 @@ class ProductKeyMemory(nn.Module):
         # T may be 0 (an all-padding batch, an empty rank): the layer still runs through the value
         # table, whose sharded version needs every rank in its collectives.
         q = self.query(tokens)  # [T, H, k_dim]
-        scores, indices = product_key_topk(q, self.keys, self.knn)  # [T, H, knn] each
+        # one kernel switch per memory: the value table's (see pkm.values.triton_enabled)
+        scores, indices = product_key_topk(q, self.keys, self.knn, self.value_table.triton)  # [T, H, knn]
         weights = F.softmax(scores.float(), dim=-1).to(q.dtype)  # [T, H, knn]
         t = indices.shape[0]
         out = self.value_table(

@@ -72,8 +72,6 @@ __all__ = [
     "value_tables",
     "last_memory_outputs",
     "parameter_groups",
-    "init_from_pretrained_bert",
-    "InitReport",
 ]
 
 
@@ -111,20 +109,8 @@ class BertPkmQuestionAnsweringOutput(QuestionAnsweringModelOutput):
 # --------------------------------------------------------------------------------------------------
 
 
-def _build_memory(config: BertPkmConfig) -> ProductKeyMemory:
-    return ProductKeyMemory(
-        input_dim=config.hidden_size,
-        output_dim=config.hidden_size,
-        n_keys=config.mem_n_keys,
-        heads=config.mem_heads,
-        knn=config.mem_knn,
-        k_dim=config.mem_k_dim,
-        query_norm=config.mem_query_norm,
-        value_init=config.mem_value_init,
-        input_dropout=config.mem_input_dropout,
-        query_dropout=config.mem_query_dropout,
-        value_dropout=config.mem_value_dropout,
-    )
+def _build_memory(config: BertPkmConfig, external_values: bool) -> ProductKeyMemory:
+    return ProductKeyMemory.from_config(config.hidden_size, config.hidden_size, config.memory, external_values)
 
 
 class BertPkmReplaceOutput(nn.Module):
@@ -154,7 +140,7 @@ class BertPkmResidualOutput(BertOutput):
 class BertPkmLayer(GradientCheckpointingLayer):
     """One encoder layer: self-attention, then FFN, memory, or both (see the module docstring)."""
 
-    def __init__(self, config: BertPkmConfig, layer_idx: int) -> None:
+    def __init__(self, config: BertPkmConfig, layer_idx: int, external_values: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.attention = BertAttention(config, is_causal=False, layer_idx=layer_idx)
@@ -164,11 +150,11 @@ class BertPkmLayer(GradientCheckpointingLayer):
             self.intermediate = BertIntermediate(config)
             self.output = BertOutput(config)
         elif self.memory_mode == "replace":
-            self.memory = _build_memory(config)
+            self.memory = _build_memory(config, external_values)
             self.output = BertPkmReplaceOutput(config)
         else:
             self.intermediate = BertIntermediate(config)
-            self.memory = _build_memory(config)
+            self.memory = _build_memory(config, external_values)
             self.output = BertPkmResidualOutput(config)
 
     def forward(
@@ -194,11 +180,11 @@ class BertPkmLayer(GradientCheckpointingLayer):
 
 
 class BertPkmEncoder(nn.Module):
-    def __init__(self, config: BertPkmConfig) -> None:
+    def __init__(self, config: BertPkmConfig, external_values: bool = False) -> None:
         super().__init__()
         self.config = config
         self.layer = nn.ModuleList(
-            [BertPkmLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)]
+            [BertPkmLayer(config, i, external_values) for i in range(config.num_hidden_layers)]
         )
 
     def forward(
@@ -240,8 +226,9 @@ class BertPkmPreTrainedModel(PreTrainedModel):
         hand the tables to the dense optimizer / DeepSpeed."""
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        for table in value_tables(model):
-            table.weight.requires_grad_(False)
+        for memory in memory_modules(model):
+            if memory.owns_values:
+                memory.value_table.weight.requires_grad_(False)
         return loaded
 
     @torch.no_grad()
@@ -268,15 +255,20 @@ class BertPkmPreTrainedModel(PreTrainedModel):
 
 
 class BertPkmModel(BertPkmPreTrainedModel):
+    """``external_values=True`` (every BertPkm model class takes it): the memories get no value
+    tables of their own; they are handed in afterwards (``attach_values``; for sharded tables
+    ``pkm.sharded_values.attach_sharded_values``), so no process ever holds a full table it does
+    not need. The state_dict then has no ``memory.values.weight``."""
+
     _no_split_modules = ["BertEmbeddings", "BertPkmLayer"]
 
-    def __init__(self, config: BertPkmConfig, add_pooling_layer: bool = True) -> None:
+    def __init__(self, config: BertPkmConfig, add_pooling_layer: bool = True, external_values: bool = False) -> None:
         super().__init__(config)
         config.validate_memory()  # the config may have been edited after construction
         self.config = config
         self.gradient_checkpointing = False
         self.embeddings = BertEmbeddings(config)
-        self.encoder = BertPkmEncoder(config)
+        self.encoder = BertPkmEncoder(config, external_values)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.last_memory_outputs: list[MemoryOutput] = []
         self.post_init()
@@ -359,9 +351,9 @@ class BertPkmForMaskedLM(BertPkmPreTrainedModel):
         "cls.predictions.decoder.bias": "cls.predictions.bias",
     }
 
-    def __init__(self, config: BertPkmConfig) -> None:
+    def __init__(self, config: BertPkmConfig, external_values: bool = False) -> None:
         super().__init__(config)
-        self.bert = BertPkmModel(config, add_pooling_layer=False)
+        self.bert = BertPkmModel(config, add_pooling_layer=False, external_values=external_values)
         self.cls = BertOnlyMLMHead(config)
         self.post_init()
 
@@ -432,10 +424,10 @@ class BertPkmForMaskedLM(BertPkmPreTrainedModel):
 
 
 class BertPkmForSequenceClassification(BertPkmPreTrainedModel):
-    def __init__(self, config: BertPkmConfig) -> None:
+    def __init__(self, config: BertPkmConfig, external_values: bool = False) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = BertPkmModel(config)
+        self.bert = BertPkmModel(config, external_values=external_values)
         dropout = config.classifier_dropout
         self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
@@ -476,10 +468,10 @@ class BertPkmForSequenceClassification(BertPkmPreTrainedModel):
 
 
 class BertPkmForQuestionAnswering(BertPkmPreTrainedModel):
-    def __init__(self, config: BertPkmConfig) -> None:
+    def __init__(self, config: BertPkmConfig, external_values: bool = False) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = BertPkmModel(config, add_pooling_layer=False)
+        self.bert = BertPkmModel(config, add_pooling_layer=False, external_values=external_values)
         self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -543,7 +535,7 @@ def memory_modules(model: nn.Module) -> list[ProductKeyMemory]:
 
 
 def value_tables(model: nn.Module) -> list[ValueTable]:
-    """The value table each memory looks up (an external/sharded one if installed), layer order."""
+    """The value table each memory looks up (its own, or the attached/sharded one), layer order."""
     return [m.value_table for m in memory_modules(model)]
 
 
@@ -569,7 +561,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
-    table_ids = {id(t.weight) for t in value_tables(model)}
+    # own tables are submodules; attached ones are not parameters of the model at all
+    table_ids = {id(m.value_table.weight) for m in memory_modules(model) if m.owns_values}
     memory_ids = {id(p) for m in memory_modules(model) for p in m.parameters()} - table_ids
     no_decay_ids = {
         id(p)
@@ -612,7 +605,3 @@ def _register_auto_classes() -> None:
 
 
 _register_auto_classes()
-
-# Re-exported here so `pkm.modeling` is the one import for the model side (defined in its own file
-# to keep this one readable; imported last because it uses the classes above).
-from pkm.init_from_bert import InitReport, init_from_pretrained_bert  # noqa: E402

@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 from pkm.configuration import BertPkmConfig
+from pkm.memory_config import MemoryConfig
 
-__all__ = ["PRESETS", "preset_config"]
+__all__ = ["PRESETS", "preset_config", "preset_memory"]
 
 _MEMORY_DEFAULTS: dict[str, Any] = dict(
     memory_mode="residual", mem_n_keys=512, mem_heads=4, mem_knn=32, mem_k_dim=256,
@@ -43,12 +44,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_config(name: str, tokenizer: Any = None, **overrides: Any) -> BertPkmConfig:
+def preset_memory(name: str) -> MemoryConfig:
+    """The memory the named preset comes with."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return MemoryConfig.from_bert_pkm_fields(PRESETS[name])
+
+
+def preset_config(name: str, tokenizer: Any = None, memory: MemoryConfig | None = None,
+                  **overrides: Any) -> BertPkmConfig:
     """The named preset with ``overrides`` applied (e.g. ``memory_layers=[3, 7]``).
 
-    ``tokenizer`` (an HF tokenizer) sets ``vocab_size=len(tokenizer)`` and its ``pad_token_id``;
-    explicit overrides win. Changing ``num_hidden_layers`` without ``memory_layers`` keeps the
-    preset's layers if they still fit, else the config validation raises ValueError.
+    ``memory`` replaces the preset's memory as a whole (fields it leaves at their defaults take
+    MemoryConfig's defaults, not the preset's). ``tokenizer`` (an HF tokenizer) sets
+    ``vocab_size=len(tokenizer)`` and its ``pad_token_id``; explicit overrides win. Changing
+    ``num_hidden_layers`` without ``memory_layers`` keeps the preset's layers if they still fit,
+    else the config validation raises ValueError.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
@@ -57,4 +68,5 @@ def preset_config(name: str, tokenizer: Any = None, **overrides: Any) -> BertPkm
         from_tokenizer["vocab_size"] = len(tokenizer)
         if getattr(tokenizer, "pad_token_id", None) is not None:
             from_tokenizer["pad_token_id"] = tokenizer.pad_token_id
-    return BertPkmConfig(**{**PRESETS[name], **from_tokenizer, **overrides})
+    from_memory = memory.to_bert_pkm_fields() if memory is not None else {}
+    return BertPkmConfig(**{**PRESETS[name], **from_tokenizer, **from_memory, **overrides})

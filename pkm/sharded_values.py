@@ -18,8 +18,8 @@ weight grads (dots over the local columns) are sent back to the token owners and
 
 The lookup is a collective: every rank of the group must call forward (and backward, when the graph
 needs it) the same number of times and in the same order, also a rank with zero tokens. The math is
-the local table's (``weighted_bag``, ``weighted_bag_weights_grad``, ``row_sparse_grad`` from
-``pkm.values``); the same code runs on gloo (CPU tensors) and NCCL (CUDA tensors): only
+the local table's (``weighted_bag`` and ``lookup_backward`` from ``pkm.values``, Triton kernels on
+CUDA); the same code runs on gloo (CPU tensors) and NCCL (CUDA tensors): only
 ``all_gather_single``/``all_gather_into_tensor`` and ``all_to_all_single`` with split sizes are used.
 Give the tables a group of their own (``dist.new_group(ranks)``, even when the ranks are the whole
 world): the engine's gradient reductions run on WORLD from backward hooks, and a separate
@@ -41,11 +41,12 @@ loss by the number of micro-batches) and an fp16 loss scale act on the value gra
 dense grads, because they flow from the same loss; un-scaling the fp16 loss scale is the trainer's job
 (``scale_grad_``).
 
-Trainer use (every rank, same seed, before any optimizer or the DeepSpeed engine is built, so the
-full local tables are freed and never reach the engine)::
+Trainer use (every rank, before any optimizer or the DeepSpeed engine is built; the model is built
+without value tables, so no rank ever allocates a full one, and the shards never reach the engine)::
 
+    model = BertPkmForMaskedLM(config, external_values=True)         # memories without tables
     group = dist.new_group(list(range(dist.get_world_size())))      # the tables' own communicator
-    tables = shard_memory_values(model, group)                       # {module path: shard}, "mean"
+    tables = attach_sharded_values(model, group, seed=seed)          # {module path: shard}, "mean"
     value_opt = SparseAdam(list(tables.values()), lr=1e-3)
     ...  engine.backward(loss); engine.step(); value_opt.step()      # value_opt.step zeroes the grads
     save_value_shards(folder, tables, value_opt)                     # pkm.checkpoint_values
@@ -62,18 +63,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pkm.memory import ProductKeyMemory
 from pkm.values import (
     ValueTable,
-    row_sparse_grad,
+    lookup_backward,
     weighted_bag,
-    weighted_bag_weights_grad,
 )
 
 __all__ = [
     "ShardedValueTable",
     "column_bounds",
     "data_parallel_grad_scale",
-    "shard_memory_values",
+    "attach_sharded_values",
     "values_grad_sq_norm",
 ]
 
@@ -125,7 +126,7 @@ class _ShardedLookup(torch.autograd.Function):
             return weights.new_zeros(0, table.dim)
         all_idx, all_w = table._gather_tokens(indices, weights, counts)  # [sum T, K] each
         ctx.save_for_backward(all_idx, all_w)
-        bag = weighted_bag(table.weight.detach(), all_idx, all_w)  # [sum T, d_local], weights.dtype
+        bag = weighted_bag(table.weight.detach(), all_idx, all_w, triton=table.triton)  # [sum T, d_local]
         return table._columns_to_owners(bag, counts, num_tokens)  # [T, dim]
 
     @staticmethod
@@ -137,12 +138,12 @@ class _ShardedLookup(torch.autograd.Function):
         if sum(counts) == 0:
             return grad_out.new_zeros(0, all_idx.shape[1]), None, None
         g_local = table._owners_to_columns(grad_out, counts)  # [sum T, d_local]
-        weight = table.weight.detach()
-        grad = row_sparse_grad(all_idx, all_w, g_local)  # value grad of the slice, all ranks' tokens
+        # value grad of the slice over all ranks' tokens, and the partial weight grads [sum T, K] fp32
+        # (dots over the local columns), from one sort of the lookups
+        grad, partial = lookup_backward(table.weight.detach(), all_idx, all_w, g_local, triton=table.triton)
         if table.grad_scale != 1.0:
             grad.values.mul_(table.grad_scale)
         table.accumulate_grad_(grad)
-        partial = weighted_bag_weights_grad(weight, all_idx, g_local)  # [sum T, K] fp32, local cols
         grad_weights = table._partials_to_owners(partial, counts, num_tokens)  # [T, K] fp32
         return grad_weights.to(all_w.dtype), None, None
 
@@ -242,21 +243,6 @@ class ShardedValueTable(ValueTable):
             table.weight.copy_(full_weight[:, table.col_start : table.col_end].to(torch.float32))
         return table
 
-    @classmethod
-    def from_local(
-        cls,
-        table: ValueTable,
-        group: dist.ProcessGroup | None = None,
-        grad_reduction: GradReduction = "mean",
-        device: torch.device | str | None = None,
-    ) -> "ShardedValueTable":
-        """Shard of a local ``ValueTable`` (same values on every rank), keeping its init mode."""
-        if isinstance(table, ShardedValueTable):
-            raise ValueError("the table is already sharded.")
-        sharded = cls.from_full(table.weight.detach(), group=group, grad_reduction=grad_reduction, device=device)
-        sharded.init = table.init
-        return sharded
-
     # -- lookup -----------------------------------------------------------------------------------
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -353,20 +339,6 @@ class ShardedValueTable(ValueTable):
 
     # -- inspection ---------------------------------------------------------------------------------
 
-    def gather_full_weight(self, dst: int | None = None) -> torch.Tensor | None:
-        """The full [num_rows, dim] table (collective). With ``dst`` (a rank of the group) only that
-        rank gets it and the others get None. Debugging/tests/small tables: it costs N*dim floats."""
-        width_max = self.bounds[0][1] - self.bounds[0][0]
-        local = self.weight.detach()
-        if local.shape[1] < width_max:
-            local = torch.nn.functional.pad(local, (0, width_max - local.shape[1]))
-        out = local.new_empty(self.world_size * self.num_rows, width_max)  # [P * N, w_max]
-        _all_gather_flat(out, local.contiguous(), self.group)
-        if dst is not None and self.rank != dst:
-            return None
-        blocks = out.view(self.world_size, self.num_rows, width_max)
-        return torch.cat([blocks[p, :, : e - s] for p, (s, e) in enumerate(self.bounds)], dim=1)
-
     def extra_repr(self) -> str:
         return (
             f"num_rows={self.num_rows}, dim={self.dim}, cols=[{self.col_start}, {self.col_end}), "
@@ -374,32 +346,44 @@ class ShardedValueTable(ValueTable):
         )
 
 
-def shard_memory_values(
-    memories: nn.Module | Iterable[tuple[str, nn.Module]],
+def attach_sharded_values(
+    memories: nn.Module | Iterable[tuple[str, ProductKeyMemory]],
     group: dist.ProcessGroup | None = None,
     grad_reduction: GradReduction = "mean",
     device: torch.device | str | None = None,
+    seed: int = 0,
 ) -> dict[str, ShardedValueTable]:
-    """Replace the value table of every product-key memory by its shard on this rank.
+    """Hand every product-key memory its value table's column shard, made on this rank only.
 
-    ``memories``: a model (every submodule with ``use_external_values`` is taken, named by its module
-    path) or an iterable of (name, ProductKeyMemory). Every rank must hold the same full tables
-    (build the model with the same seed on every rank). Returns {memory name: sharded table}, the
-    order to hand to ``SparseAdam(list(tables.values()))`` and ``save_value_shards``. The sharded
-    tables are not submodules, so DeepSpeed never sees them; the full local tables are dropped.
+    ``memories``: a model (every ProductKeyMemory in it, named by its module path) or an iterable of
+    (name, memory); each must have been built with ``external_values=True`` (a memory that owns a
+    full table is refused: that table would be allocated on every rank). Each shard is initialised as
+    its memory's ``value_init`` says; for "normal", every column comes from its own generator seeded
+    by (``seed * 1000 + i`` for the i-th memory, column), so the full table is the same for any number
+    of ranks. Returns {memory name: shard} in order, for ``SparseAdam(list(tables.values()))`` and
+    ``save_value_shards``. The shards are not submodules, so an engine wrapping the model never sees
+    them. Collective: every rank of ``group`` calls it with the same memories.
     """
     if isinstance(memories, nn.Module):
-        named = [(n, m) for n, m in memories.named_modules() if hasattr(m, "use_external_values")]
+        named = [(n, m) for n, m in memories.named_modules() if isinstance(m, ProductKeyMemory)]
     else:
         named = list(memories)
     if not named:
-        raise ValueError("found no product-key memory (a module with use_external_values) to shard.")
+        raise ValueError("found no product-key memory to give a sharded value table.")
+    owning = [name or "<root>" for name, memory in named if memory.owns_values]
+    if owning:
+        raise ValueError(
+            f"memories {owning} own full value tables: build the model with external_values=True so "
+            "that no rank allocates a full table."
+        )
     tables: dict[str, ShardedValueTable] = {}
-    for name, memory in named:
-        local = memory.value_table
-        sharded = ShardedValueTable.from_local(local, group=group, grad_reduction=grad_reduction, device=device)
-        memory.use_external_values(sharded)
-        tables[name] = sharded
+    for i, (name, memory) in enumerate(named):
+        table = ShardedValueTable(
+            memory.size, memory.output_dim, group=group, init=memory.value_init, device=device,
+            grad_reduction=grad_reduction, seed=seed * 1000 + i,
+        )
+        memory.attach_values(table)
+        tables[name] = table
     return tables
 
 

@@ -28,8 +28,14 @@ is). Measured (2 cores, this repo's BENCHMARKS.md): 222k rows x 768 in 110 ms in
 one thread, and no collapse under load (the torch path's many 2-thread parallel regions each wait
 for a descheduled thread). Without a compiler (the build error is kept in ``_native_error``), with
 ``PKM_SPARSE_ADAM_NATIVE=0`` or ``optimizer.native = False``, or for an unusual layout (non-unit
-column stride), the torch path runs; CUDA always uses the torch path (one chunk per table). No
-state layout change: state_dict and pkm/checkpoint_values.py see the same tensors as before.
+column stride), the torch path runs. No state layout change: state_dict and
+pkm/checkpoint_values.py see the same tensors as before.
+
+CUDA speed: the same one-pass-per-row update as a Triton kernel (``pkm.triton_kernels.sparse_adam_rows``:
+read weight, both moments and the gradient once, write three back; moments bitwise equal to the torch
+path, the weight within an ulp), chosen automatically for CUDA tables when Triton imports; the torch-op
+path runs with ``PKM_TRITON=0`` or ``optimizer.triton = False``. The per-row counts and bias
+corrections are computed by the same torch ops for both (``_bump_row_steps``).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from typing import Iterable
 
 import torch
 
-from pkm.values import ValueTable
+from pkm.values import ValueTable, triton_enabled
 
 __all__ = ["SparseAdam", "native_available"]
 
@@ -142,6 +148,19 @@ def _build_native():
         return _native_fn
 
 
+def _bump_row_steps(
+    row_step: torch.Tensor, rows: torch.Tensor, beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Count one more update for ``rows``; their bias corrections (1 - beta1^t, sqrt(1 - beta2^t)) as
+    [U] fp32, computed in float64 from the per-row counts t."""
+    step = row_step.index_select(0, rows) + 1  # [U]
+    row_step.index_copy_(0, rows, step)
+    step64 = step.to(torch.float64)
+    bias1 = (1.0 - beta1**step64).to(torch.float32)
+    bias2_sqrt = (1.0 - beta2**step64).sqrt().to(torch.float32)
+    return bias1, bias2_sqrt
+
+
 def native_available() -> bool:
     """Whether the fused CPU kernel is (or can be) built in this process."""
     return _build_native() is not None
@@ -188,6 +207,9 @@ class SparseAdam(torch.optim.Optimizer):
         self.native = _native_default()
         # rows per grab of the native kernel's work counter (~64 KB of each tensor)
         self.native_block_elements = 1 << 14
+        # CUDA: the fused Triton row kernel (None = automatic, see pkm.values.triton_enabled;
+        # False = the torch-op path; PKM_TRITON=0 turns the automatic choice off)
+        self.triton: bool | None = None
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__([t.weight for t in tables], defaults)
 
@@ -221,11 +243,16 @@ class SparseAdam(torch.optim.Optimizer):
                 table.zero_grad()
                 continue
 
-            step = state["row_step"].index_select(0, rows) + 1  # [U]
-            state["row_step"].index_copy_(0, rows, step)
-            step64 = step.to(torch.float64)
-            bias1 = (1.0 - beta1 ** step64).to(torch.float32).unsqueeze(1)  # [U, 1]
-            bias2_sqrt = (1.0 - beta2 ** step64).sqrt().to(torch.float32).unsqueeze(1)  # [U, 1]
+            bias1, bias2_sqrt = _bump_row_steps(state["row_step"], rows, beta1, beta2)  # [U] each
+            if triton_enabled(weight, self.triton):
+                from pkm import triton_kernels
+
+                # lr / bias1: the torch path's own expression, so the step size is bitwise the same
+                triton_kernels.sparse_adam_rows(weight, state["exp_avg"], state["exp_avg_sq"], g, rows,
+                                                lr / bias1, bias2_sqrt, beta1, beta2, eps, lr * wd)
+                table.zero_grad()
+                continue
+            bias1, bias2_sqrt = bias1.unsqueeze(1), bias2_sqrt.unsqueeze(1)  # [U, 1]
 
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             cols = weight.shape[1]
@@ -243,7 +270,7 @@ class SparseAdam(torch.optim.Optimizer):
                      lr: float, beta1: float, beta2: float, eps: float, wd: float) -> bool:
         """Run the fused kernel on a CPU table; False (nothing touched) when it does not apply."""
         exp_avg, exp_avg_sq, row_step = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
-        if not self.native or weight.device.type != "cpu":
+        if not self.native or self.triton or weight.device.type != "cpu":  # triton=True: Triton asked for
             return False
         tensors = (weight, exp_avg, exp_avg_sq, row_step, g)
         if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):

@@ -16,6 +16,7 @@ them on its column slice.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,8 @@ __all__ = [
     "GradWorkspace",
     "LookupOrder",
     "sort_lookups",
+    "lookup_backward",
+    "triton_enabled",
 ]
 
 _MODE_SUM = 0  # embedding_bag mode id for "sum"
@@ -47,17 +50,56 @@ class SparseGrad(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------------
+# Kernel selection: Triton kernels on CUDA tensors, the torch-op path (the reference) elsewhere
+# --------------------------------------------------------------------------------------------------
+
+
+def _triton_default() -> bool:
+    return os.environ.get("PKM_TRITON", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def triton_enabled(tensor: torch.Tensor, flag: bool | None = None) -> bool:
+    """Whether the value-path functions run their Triton kernel for ``tensor``.
+
+    ``flag`` is a table's (or optimizer's) ``triton`` attribute: ``None`` (default) = automatic, i.e.
+    on for CUDA tensors when Triton imports, unless ``PKM_TRITON=0``; ``False`` = never (the torch-op
+    path); ``True`` = always, which on CPU tensors needs Triton's interpreter (``TRITON_INTERPRET=1``;
+    the test suite uses this to check the kernels against the torch path without a GPU).
+    """
+    if flag is False or (flag is None and (tensor.device.type != "cuda" or not _triton_default())):
+        return False
+    from pkm import triton_kernels  # imported on first use: importing Triton takes a while
+
+    if not triton_kernels.available():
+        if flag:
+            raise RuntimeError(f"Triton kernels were requested but Triton does not import: "
+                               f"{triton_kernels.import_error()}")
+        return False
+    if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("Triton kernels on CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "before Triton is imported, or set the table's `triton` attribute to None/False.")
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
 # Reusable math (shared with the sharded table)
 # --------------------------------------------------------------------------------------------------
 
 
-def weighted_bag(weight: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_bag(
+    weight: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, triton: bool | None = None
+) -> torch.Tensor:
     """out[t] = sum_k weights[t, k] * weight[indices[t, k]]  ->  [T, cols] in ``weights.dtype``.
 
     Computed with a fused weighted embedding bag in the table's dtype (fp32), so the [T, K, cols]
     gather is never materialised and the fp32 table is never cast as a whole; only the [T, cols]
-    result is cast to the activation dtype.
+    result is cast to the activation dtype. On CUDA, a Triton kernel of the same math
+    (``pkm.triton_kernels.bag_forward``; ``triton`` selects, see ``triton_enabled``).
     """
+    if triton_enabled(weight, triton):
+        from pkm import triton_kernels
+
+        return triton_kernels.bag_forward(weight, indices, weights)
     out = F.embedding_bag(
         indices, weight, per_sample_weights=weights.to(weight.dtype), mode="sum"
     )  # [T, cols]
@@ -77,7 +119,8 @@ class LookupOrder(NamedTuple):
 def sort_lookups(indices: torch.Tensor) -> LookupOrder:
     """Group the lookups of indices [T, K] by row."""
     bag_size = indices.shape[1]
-    sorted_rows, perm = torch.sort(indices.reshape(-1))  # [T*K] each
+    # stable: ties keep token order, so per-row sums are taken in the same order every run
+    sorted_rows, perm = torch.sort(indices.reshape(-1), stable=True)  # [T*K] each
     rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)  # [U], [U]
     offsets = torch.cumsum(counts, 0) - counts  # [U]
     tokens = torch.div(perm, bag_size, rounding_mode="floor")  # [T*K]
@@ -90,6 +133,7 @@ def weighted_bag_weights_grad(
     grad_out: torch.Tensor,
     order: LookupOrder | None = None,
     sort_rows: bool = True,
+    triton: bool | None = None,
 ) -> torch.Tensor:
     """d out / d weights: g[t, k] = <grad_out[t], weight[indices[t, k]]>  ->  [T, K] fp32.
 
@@ -98,8 +142,14 @@ def weighted_bag_weights_grad(
     order (``order``, computed if not given): repeated rows are then read back to back from cache and
     the table is walked in ascending address order (~2.5x less time than token order at 512^2 rows),
     while the grad_out rows, [T, cols], are small enough to stay in cache. ``sort_rows=False`` skips
-    the sort (for a table that fits in cache anyway, e.g. the sub-keys).
+    the sort (for a table that fits in cache anyway, e.g. the sub-keys). On CUDA a token-major Triton
+    gather-dot (``pkm.triton_kernels.gather_dots``) runs instead; the value lookup's backward uses the
+    row-grouped kernel of ``lookup_backward``, which computes these dots together with the value grad.
     """
+    if triton_enabled(weight, triton):
+        from pkm import triton_kernels
+
+        return triton_kernels.gather_dots(weight, indices, grad_out)
     num_bags, bag_size = indices.shape
     grad32 = grad_out.to(weight.dtype).contiguous()  # [T, cols]
     op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
@@ -150,6 +200,7 @@ def row_sparse_grad(
     grad_out: torch.Tensor,
     workspace: GradWorkspace | None = None,
     order: LookupOrder | None = None,
+    triton: bool | None = None,
 ) -> SparseGrad:
     """Coalesced value gradient: for each distinct row r, sum over lookups (t, k) with
     indices[t, k] == r of weights[t, k] * grad_out[t].  ->  SparseGrad with [U] rows, [U, cols] fp32.
@@ -158,10 +209,14 @@ def row_sparse_grad(
     then a weighted embedding bag over grad_out (bags = distinct rows), so no [T*K, cols]
     intermediate is built and duplicates (within a token or across tokens) are summed. With a
     ``workspace`` on CPU the result is written chunk by chunk into the reused buffer (its ``values``
-    then alias the workspace until the next backward).
+    then alias the workspace until the next backward). On CUDA the row-grouped Triton kernel runs.
     """
     if order is None:
         order = sort_lookups(indices)
+    if triton_enabled(grad_out, triton):
+        g = grad_out.contiguous()  # also stands in for the table, which is not read without dots
+        grad, _ = _row_grouped(g, order, weights, g, compute_dots=False)
+        return grad
     rows, offsets, tokens = order.rows, order.offsets, order.tokens
     w = weights.reshape(-1).to(torch.float32)[order.perm]  # [T*K] in sorted order
     g = grad_out.to(torch.float32).contiguous()  # [T, cols]
@@ -182,6 +237,43 @@ def row_sparse_grad(
             tokens[l0:l1], g, offsets[r0:r1] - l0, per_sample_weights=w[l0:l1], mode="sum"
         )  # [r1 - r0, cols]
     return SparseGrad(rows, values)
+
+
+def _row_grouped(
+    weight: torch.Tensor, order: LookupOrder, weights: torch.Tensor, grad_out: torch.Tensor, compute_dots: bool
+) -> tuple[SparseGrad, torch.Tensor | None]:
+    from pkm import triton_kernels
+
+    ends = order.offsets.new_tensor([order.sorted_rows.numel()])
+    offsets = torch.cat([order.offsets, ends])  # [U + 1]
+    values, dots = triton_kernels.row_grouped_backward(
+        weight, order.rows, offsets, order.perm, weights, grad_out, compute_dots
+    )
+    return SparseGrad(order.rows, values), dots
+
+
+def lookup_backward(
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    grad_out: torch.Tensor,
+    need_weights_grad: bool = True,
+    workspace: GradWorkspace | None = None,
+    triton: bool | None = None,
+) -> tuple[SparseGrad, torch.Tensor | None]:
+    """Both gradients of ``weighted_bag``: (coalesced value grad, per-lookup weight grad [T, K] fp32).
+
+    One sort groups the lookups by row. On CUDA one Triton kernel then walks the groups and produces
+    both gradients in a single pass, reading each distinct row of the table once; elsewhere the
+    torch-op path (``row_sparse_grad`` and ``weighted_bag_weights_grad`` over the same sort).
+    """
+    order = sort_lookups(indices)
+    if triton_enabled(weight, triton):
+        return _row_grouped(weight, order, weights, grad_out, need_weights_grad)
+    grad_weights = None
+    if need_weights_grad:
+        grad_weights = weighted_bag_weights_grad(weight, indices, grad_out, order, triton=False)
+    return row_sparse_grad(indices, weights, grad_out, workspace, order, triton=False), grad_weights
 
 
 def merge_sparse_grads(a: SparseGrad | None, b: SparseGrad) -> SparseGrad:
@@ -211,7 +303,7 @@ class ValueLookup(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.table = table
         ctx.save_for_backward(weights, indices)
-        return weighted_bag(table.weight.detach(), indices, weights)
+        return weighted_bag(table.weight.detach(), indices, weights, triton=table.triton)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -220,11 +312,12 @@ class ValueLookup(torch.autograd.Function):
         weight = table.weight.detach()
         # reuse the table's buffer only when nothing accumulated is still living in it
         workspace = getattr(table, "_grad_workspace", None) if table.sparse_grad is None else None
-        order = sort_lookups(indices)  # one sort serves both gradients
-        grad_weights = None
-        if ctx.needs_input_grad[0]:
-            grad_weights = weighted_bag_weights_grad(weight, indices, grad_out, order).to(weights.dtype)
-        table.accumulate_grad_(row_sparse_grad(indices, weights, grad_out, workspace, order))
+        grad, grad_weights = lookup_backward(
+            weight, indices, weights, grad_out, ctx.needs_input_grad[0], workspace, triton=table.triton
+        )
+        table.accumulate_grad_(grad)
+        if grad_weights is not None:
+            grad_weights = grad_weights.to(weights.dtype)
         return grad_weights, None, None, None
 
 
@@ -233,7 +326,11 @@ class ValueTable(nn.Module):
 
     ``weight`` has requires_grad=False; backward calls accumulate a coalesced row-sparse gradient
     into ``sparse_grad`` (summed over micro-batches until ``zero_grad``). ``SparseAdam`` consumes it.
+    ``triton`` picks the kernels: None = Triton on CUDA (unless ``PKM_TRITON=0``), False = the torch-op
+    path, True = Triton always (see ``triton_enabled``).
     """
+
+    triton: bool | None = None
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pkm.atomic_io import write_json_atomic
+from pkm.memory_config import BERT_PKM_KEYS, MemoryConfig
 
 __all__ = [
     "ModelConfig",
@@ -49,21 +50,49 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 class ModelConfig:
     """Which model: a preset from ``pkm.presets``, optionally initialised from a memory-less BERT.
 
-    ``overrides`` are ``BertPkmConfig`` fields applied on top of the preset (or of the init_from
-    checkpoint's config), e.g. ``{"memory_layers": [1], "mem_n_keys": 64, "memory_mode": "residual"}``.
-    Unknown field names are an error (checked in ``pretrain.main`` against BertPkmConfig).
+    ``memory`` (``pkm.memory_config.MemoryConfig``: layers, mode, n_keys with N = n_keys^2 slots,
+    heads, knn, k_dim, query_norm, value_init, dropouts) describes the memory in full: fields a
+    config leaves out take MemoryConfig's defaults (Lample's: N = 512^2, middle layer). Absent
+    (null), the model keeps the preset's memory (the tiny preset's is 16^2 slots in layer 1), or
+    with ``init_from`` the defaults.
+    ``overrides`` are other ``BertPkmConfig`` fields applied on top of the preset (or of the
+    init_from checkpoint's config), e.g. ``{"hidden_size": 128}``; unknown names are an error
+    (checked in ``pretrain.main``). Memory fields there (``mem_n_keys``, ...) are the old spelling:
+    they are moved into ``memory`` (on top of the preset's memory, as they used to apply).
     With ``init_from`` the architecture (sizes, vocabulary) comes from that checkpoint and ``preset``
-    is ignored; memory fields not overridden take BertPkmConfig's defaults (middle layer, N = 512^2).
-    Without it the vocabulary size is taken from the data's tokenizer.
+    is ignored. Without it the vocabulary size is taken from the data's tokenizer.
     """
 
     preset: str = "tiny"
     init_from: str | None = None  # HF BERT folder (config.json + weights), memory-less
+    memory: MemoryConfig | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     init_seed: int | None = None  # seed of the model initialisation (same on every rank); None: train.seed
     # attention kernel (Hugging Face attn_implementation): sdpa picks flash / memory-efficient kernels
     # on GPUs; flash_attention_2 needs the flash-attn package
     attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        self._move_memory_overrides()
+
+    def _move_memory_overrides(self) -> None:
+        """Old configs set the memory as BertPkmConfig fields in ``overrides``: move them."""
+        by_hf_name = {hf: name for name, hf in BERT_PKM_KEYS.items()}
+        legacy = {by_hf_name[k]: v for k, v in self.overrides.items() if k in by_hf_name}
+        if not legacy:
+            return
+        if self.memory is not None:
+            raise ValueError(
+                f"model.overrides sets memory fields {sorted(BERT_PKM_KEYS[k] for k in legacy)} beside "
+                "model.memory: set them in model.memory only (e.g. model.memory.n_keys).")
+        if self.init_from:
+            base = MemoryConfig()
+        else:
+            from pkm.presets import PRESETS, preset_memory
+
+            base = preset_memory(self.preset) if self.preset in PRESETS else MemoryConfig()
+        self.memory = base.replace(**legacy)
+        self.overrides = {k: v for k, v in self.overrides.items() if k not in by_hf_name}
 
 
 @dataclass
@@ -254,12 +283,17 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
         )
     kwargs = {}
     for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        tp, _ = _unwrap_optional(hints[name])
+        if dataclasses.is_dataclass(tp) and value is not None:
             kwargs[name] = _from_dict(tp, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
-    return cls(**kwargs)
+            kwargs[name] = _coerce(value, hints[name], prefix + name)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own checks (e.g. MemoryConfig's): say which section
+        if not prefix or str(e).startswith(f"config section '{prefix}"):
+            raise
+        raise ValueError(f"config section '{prefix.rstrip('.')}': {e}") from e
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

@@ -5,7 +5,7 @@
 CKPT is a checkpoint folder (``<out_dir>/checkpoints/step_N``), a ``checkpoints/`` folder or a run's
 out_dir (its latest complete checkpoint is taken). OUT receives ``config.json`` (BertPkmConfig),
 ``model.safetensors`` and the tokenizer files, and loads with
-``BertPkmForMaskedLM.from_pretrained(OUT)`` / ``AutoModelForMaskedLM`` (after ``import pkm.modeling``)
+``BertPkmForMaskedLM.from_pretrained(OUT)`` / ``AutoModelForMaskedLM`` (after ``import pkm``)
 and, for finetuning, ``BertPkmForSequenceClassification`` / ``...ForQuestionAnswering``.
 
 Dense weights come from DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (the fp32 master
@@ -21,8 +21,8 @@ import os
 import sys
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a file, `pretrain` would not be importable
+    sys.exit("error: run the conversion as a module: python -m pretrain.convert CKPT OUT")
 
 from pretrain.checkpoint import DS_TAG, copy_tokenizer_files, latest_checkpoint, load_full_value_tables, read_meta  # noqa: E402
 

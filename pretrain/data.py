@@ -306,9 +306,6 @@ class MLMSampler(torch.utils.data.Sampler):
         remaining = self._end() - self.consumed_samples - self.rank
         return max(0, -(-int(remaining) // self.world_size))
 
-    def epoch_of(self, consumed_samples: int | None = None) -> int:
-        return (self.consumed_samples if consumed_samples is None else consumed_samples) // self.num_samples
-
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "num_samples": self.num_samples, "seed": self.seed,
                 "shuffle": self.shuffle}

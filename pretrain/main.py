@@ -1,8 +1,8 @@
 """Pretraining entry point (DeepSpeed launcher or a single process).
 
-    deepspeed --num_gpus N pretrain/main.py --deepspeed_config ds_configs/zero2_bf16.json \\
+    deepspeed --num_gpus N --module pretrain.main --deepspeed_config ds_configs/zero2_bf16.json \\
         --config configs/bert-base.json [--train.max_steps=1000 --optim.lr=1e-4 ...] [--resume]
-    python pretrain/main.py --deepspeed_config ds_configs/tiny_zero2_fp32.json --config configs/tiny.json
+    python -m pretrain.main --deepspeed_config ds_configs/tiny_zero2_fp32.json --config configs/tiny.json
 
 Arguments:
     --config PATH            run config (JSON, or YAML with pyyaml): model / data / optim / train
@@ -18,6 +18,7 @@ the model or the data are touched (``prepare_run``), and reported as one sentenc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -31,9 +32,10 @@ from typing import Any
 # bits. Set before torch is imported; an explicit MKL_DYNAMIC in the environment wins.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-if __package__ in (None, ""):  # `python pretrain/main.py` / `deepspeed pretrain/main.py`: make `pretrain` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a file, `pretrain` would not be importable
+    sys.exit("error: run pretraining as a module: python -m pretrain.main ... or deepspeed --module pretrain.main ...")
 
+from pkm.memory_config import MemoryConfig  # noqa: E402
 from pretrain.config import (  # noqa: E402
     RunConfig,
     apply_overrides,
@@ -217,25 +219,21 @@ def _model_config(cfg: RunConfig, vocab_size: int | None, max_seq_len: int, worl
     from pkm.presets import PRESETS, preset_config
 
     overrides = dict(cfg.model.overrides)
-    known = set(BertPkmConfig().to_dict()) | {"memory_layers"}
+    known = set(BertPkmConfig().to_dict())
     unknown = sorted(k for k in overrides if k not in known)
     if unknown:
         raise ValueError(
             f"model.overrides has unknown key '{unknown[0]}': it must be a BertPkmConfig field "
-            "(e.g. memory_layers, memory_mode, mem_n_keys, mem_heads, mem_knn, mem_k_dim, hidden_size).")
+            "(e.g. hidden_size, num_hidden_layers; the memory goes in model.memory).")
     if cfg.model.init_from:
-        from pkm.init_from_bert import _SOURCE_ONLY_CONFIG_KEYS, _source_config  # reads only config.json
+        from pkm.init_from_bert import bert_pkm_config_from_bert  # reads only config.json
 
-        base = _source_config(cfg.model.init_from).to_dict()
-        for key in _SOURCE_ONLY_CONFIG_KEYS:
-            base.pop(key, None)
-        src_vocab = base.get("vocab_size")
-        if vocab_size is not None and src_vocab != vocab_size and "vocab_size" not in overrides:
+        mc = bert_pkm_config_from_bert(cfg.model.init_from, cfg.model.memory, **overrides)
+        if vocab_size is not None and mc.vocab_size != vocab_size and "vocab_size" not in overrides:
             raise ValueError(
-                f"model.init_from '{cfg.model.init_from}' has vocab_size {src_vocab} but the data's tokenizer "
+                f"model.init_from '{cfg.model.init_from}' has vocab_size {mc.vocab_size} but the data's tokenizer "
                 f"has {vocab_size}: prepare the shards with that model's tokenizer (python -m data_prep prepare "
                 f"--tokenizer {cfg.model.init_from} ...).")
-        mc = BertPkmConfig(**{**base, **overrides})
     else:
         if cfg.model.preset not in PRESETS:
             raise ValueError(f"model.preset '{cfg.model.preset}' is unknown: choose one of {sorted(PRESETS)}.")
@@ -244,7 +242,7 @@ def _model_config(cfg: RunConfig, vocab_size: int | None, max_seq_len: int, worl
         if "max_position_embeddings" not in overrides:
             overrides["max_position_embeddings"] = max(PRESETS[cfg.model.preset].get("max_position_embeddings", 512),
                                                        max_seq_len)
-        mc = preset_config(cfg.model.preset, **overrides)
+        mc = preset_config(cfg.model.preset, memory=cfg.model.memory, **overrides)
     if vocab_size is not None and mc.vocab_size < vocab_size:
         raise ValueError(f"the model's vocab_size ({mc.vocab_size}) is smaller than the tokenizer's ({vocab_size}): "
                          "remove vocab_size from model.overrides.")
@@ -353,7 +351,7 @@ def _free_port() -> int:
 
 
 def _single_process_env() -> None:
-    """`python pretrain/main.py`: a world of one, as the launcher would have described it."""
+    """`python -m pretrain.main`: a world of one, as the launcher would have described it."""
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
                            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
@@ -361,19 +359,20 @@ def _single_process_env() -> None:
 
 
 def build_model(prep: PreparedRun):
-    """The model (same init on every rank: seeded), from a preset or a memory-less BERT."""
+    """The model (same init on every rank: seeded), from a preset or a memory-less BERT, without
+    value tables: ``build_engine`` hands each rank's memories their shards."""
     from pkm.modeling import BertPkmForMaskedLM
     from pretrain.trainer import seed_everything
 
     cfg = prep.cfg
     seed_everything(cfg.model.init_seed if cfg.model.init_seed is not None else cfg.train.seed)
     if cfg.model.init_from:
-        from pkm.modeling import init_from_pretrained_bert
+        from pkm.init_from_bert import init_from_pretrained_bert
 
-        model, report = init_from_pretrained_bert(cfg.model.init_from, dict(cfg.model.overrides))
+        model, report = init_from_pretrained_bert(cfg.model.init_from, config=prep.model_config, external_values=True)
         summary = f"init_from {cfg.model.init_from}: {len(report.loaded)} tensors loaded, {len(report.added)} new"
     else:
-        model = BertPkmForMaskedLM(prep.model_config)
+        model = BertPkmForMaskedLM(prep.model_config, external_values=True)
         summary = f"preset {cfg.model.preset} from scratch"
     model.set_attn_implementation(cfg.model.attn_implementation)
     model.train()
@@ -453,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_USAGE)
         print("Run-config keys and defaults:")
         print(json.dumps(config_to_dict(RunConfig()), indent=2))
+        print("model.memory keys and defaults (null above: the preset's memory; N = n_keys^2 slots):")
+        print(json.dumps(dataclasses.asdict(MemoryConfig()), indent=2))
         return 0
     try:
         prep = prepare_run(*parse_cli(argv))
@@ -500,7 +501,7 @@ def launch(config: str | RunConfig | dict[str, Any], ds_config: str, num_procs: 
         prepare_run(*parsed, world_size=num_procs)  # fail fast, with the same messages as the ranks
         deepspeed_bin = os.path.join(os.path.dirname(sys.executable), "deepspeed")
         cmd = [deepspeed_bin, "--num_gpus", str(num_procs), "--master_port", str(master_port or _free_port()),
-               os.path.join(REPO_ROOT, "pretrain", "main.py"), "--config", config, "--deepspeed_config", ds_config,
+               "--module", "pretrain.main", "--config", config, "--deepspeed_config", ds_config,
                *overrides]
         child_env = {**os.environ, **(env or {})}
         child_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + child_env.get("PYTHONPATH", "")

@@ -184,8 +184,9 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any], device: torch.device,
                  group: Any = None) -> tuple[Any, dict[str, Any], Any, Any]:
-    """Take the value tables out of ``model`` (column-sharded over ``group``, default: the world),
-    give them SparseAdam + the shared schedule, and hand the dense rest to DeepSpeed.
+    """Hand ``model``'s memories their value tables (column shards over ``group``, default: the
+    world; the model is built with ``external_values=True``), give the tables SparseAdam + the shared
+    schedule, and hand the dense model to DeepSpeed.
 
     Returns (engine, tables {memory module path: ShardedValueTable}, value optimizer, value lr
     scheduler); the last three are empty/None for a memory-less model. Collective: every rank calls
@@ -193,7 +194,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, An
     import deepspeed
 
     from pkm.modeling import memory_modules, parameter_groups
-    from pkm.sharded_values import shard_memory_values
+    from pkm.sharded_values import attach_sharded_values
     from pkm.sparse_adam import SparseAdam
 
     o = cfg.optim
@@ -203,8 +204,9 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, An
     if cfg.train.compile:
         compile_encoder_layers(model)
     if memory_modules(model):
-        # out of the module, so DeepSpeed never broadcasts, casts or partitions them (DESIGN.md)
-        tables = shard_memory_values(model, group=group, grad_reduction="mean", device=device)
+        # outside the module, so DeepSpeed never broadcasts, casts or partitions them (DESIGN.md)
+        seed = cfg.model.init_seed if cfg.model.init_seed is not None else cfg.train.seed
+        tables = attach_sharded_values(model, group=group, grad_reduction="mean", device=device, seed=seed)
         value_opt = SparseAdam(list(tables.values()), lr=o.value_lr, betas=tuple(o.value_betas), eps=o.value_eps,
                                weight_decay=o.value_weight_decay)
         value_sched = LambdaLR(value_opt, schedule)

@@ -1,5 +1,7 @@
 """Shared fixtures."""
 
+import os
+
 import pytest
 import torch
 
@@ -13,3 +15,9 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Triton kernels are checked against the torch path on CPU through Triton's interpreter; it must be
+# switched on before Triton is first imported (the kernels are decorated at import time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -238,7 +238,7 @@ def test_launch_multinode_script(tmp_path):
     cmd = res.stdout
     for piece in ("docker run", "--gpus all", "--network host", "--ipc host", "--ulimit memlock=-1",
                   "-e NCCL_SOCKET_IFNAME", "deepspeed --hostfile /workspace/hostfile --no_ssh --node_rank 1",
-                  "--master_addr 10.0.0.1", "pretrain/main.py --deepspeed_config ds_configs/zero2.json",
+                  "--master_addr 10.0.0.1", "--module pretrain.main --deepspeed_config ds_configs/zero2.json",
                   "--config run.yaml extra=1"):
         assert piece in cmd, piece
     res = subprocess.run(["bash", str(script), "pdsh"], env=env, capture_output=True, text=True)

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
-from pkm.modeling import (
-    BertPkmForMaskedLM,
-    BertPkmForSequenceClassification,
-    init_from_pretrained_bert,
-    value_tables,
-)
-from pkm.init_from_bert import load_bert_state_dict
+from pkm.init_from_bert import init_from_pretrained_bert, load_bert_state_dict
+from pkm.modeling import BertPkmForMaskedLM, BertPkmForSequenceClassification, value_tables
 
 MEMORY = dict(mem_n_keys=16, mem_heads=2, mem_knn=4, mem_k_dim=16)
 
@@ -135,3 +132,14 @@ def test_init_from_minilm_bert_model_weights():
     for a, b in zip(out.hidden_states, ref.hidden_states):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=0, atol=1e-6)
+
+
+def test_modeling_does_not_import_init_from_bert():
+    """One direction only: init_from_bert builds on modeling, modeling knows nothing of it (a fresh
+    process, so this test's own imports do not count)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import sys, pkm.modeling; print('pkm.init_from_bert' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

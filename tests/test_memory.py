@@ -239,18 +239,25 @@ def test_zero_init_values_give_zero_output():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_external_values_not_registered():
+def test_values_handed_in_are_not_registered():
     from pkm.values import ValueTable
 
-    mem = ProductKeyMemory(8, 6, n_keys=8, heads=1, knn=2, k_dim=8)
+    mem = ProductKeyMemory(8, 6, n_keys=8, heads=1, knn=2, k_dim=8, external_values=True)
+    assert not mem.owns_values and not any(k.startswith("values.") for k in mem.state_dict())
+    with pytest.raises(ValueError, match="has no value table yet: hand one in with attach_values"):
+        mem(torch.randn(3, 8))
     table = ValueTable(64, 6, init="zeros")
-    mem.use_external_values(table)
+    mem.attach_values(table)
     assert mem.value_table is table
     assert not any(k.startswith("values.") for k in mem.state_dict())
     assert all(m is not table for m in mem.modules())
+    assert all(p is not table.weight for p in mem.parameters())
     assert torch.equal(mem(torch.randn(3, 8)).output, torch.zeros(3, 6))
-    with pytest.raises(ValueError):
-        mem.use_external_values(ValueTable(63, 6))
+    with pytest.raises(ValueError, match="this memory needs 64 x 6"):
+        mem.attach_values(ValueTable(63, 6))
+    owner = ProductKeyMemory(8, 6, n_keys=8, heads=1, knn=2, k_dim=8)
+    with pytest.raises(ValueError, match="owns its value table"):
+        owner.attach_values(table)
 
 
 def test_bad_input_raises_value_error():

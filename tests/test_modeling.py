@@ -201,12 +201,34 @@ def test_parameter_groups_partition_dense_parameters():
     decay = {id(p) for p in by_name["dense_decay"]["params"]}
     assert id(model.bert.embeddings.word_embeddings.weight) in decay
     assert id(model.bert.encoder.layer[0].attention.self.query.weight) in decay
-    # the value table of an external (e.g. sharded) table is what value_tables reports
-    external = ValueTable(mems[0].size, mems[0].output_dim)
-    mems[0].use_external_values(external)
-    assert value_tables(model)[0] is external
     with pytest.raises(ValueError):
         parameter_groups(model, weight_decay=-1.0)
+
+
+def test_model_built_for_handed_in_value_tables():
+    """external_values=True: no memory allocates a table; the ones handed in are what value_tables
+    reports, and they stay out of parameters(), the state_dict and the dense groups."""
+    torch.manual_seed(0)
+    reference = BertPkmForMaskedLM(tiny_config(memory_layers=[0, 1])).eval()
+    torch.manual_seed(0)
+    model = BertPkmForMaskedLM(tiny_config(memory_layers=[0, 1]), external_values=True).eval()
+    assert not any(".values." in k for k in model.state_dict())
+    assert not any(m.owns_values for m in memory_modules(model))
+    with pytest.raises(ValueError, match="attach_values"):
+        value_tables(model)
+    handed = []
+    for own, mem in zip(memory_modules(reference), memory_modules(model)):
+        table = ValueTable(mem.size, mem.output_dim)
+        table.weight.data.copy_(own.value_table.weight)
+        mem.attach_values(table)
+        handed.append(table)
+    assert value_tables(model) == handed
+    assert not {id(t.weight) for t in handed} & {id(p) for p in model.parameters()}
+    grouped = {id(p) for g in parameter_groups(model, 0.01) for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    model.load_state_dict({k: v for k, v in reference.state_dict().items() if ".values." not in k})
+    ids, mask, _ = batch()
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
 
 
 def test_presets():
@@ -239,12 +261,12 @@ def test_presets():
         (dict(memory_layers=[2]), "out of range"),
         (dict(memory_layers=[-1]), "out of range"),
         (dict(memory_layers=[1, 1]), "more than once"),
-        (dict(memory_mode="parallel"), "memory_mode"),
-        (dict(mem_query_norm="rmsnorm"), "mem_query_norm"),
-        (dict(mem_value_init="uniform"), "mem_value_init"),
-        (dict(mem_knn=32), "mem_knn"),
+        (dict(memory_mode="parallel"), "memory mode"),
+        (dict(mem_query_norm="rmsnorm"), "query_norm"),
+        (dict(mem_value_init="uniform"), "value_init"),
+        (dict(mem_knn=32), "knn"),
         (dict(mem_k_dim=15), "even"),
-        (dict(mem_value_dropout=1.0), "mem_value_dropout"),
+        (dict(mem_value_dropout=1.0), "value_dropout"),
     ],
 )
 def test_config_validation(overrides, match):

@@ -24,12 +24,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
-from pretrain.config import load_config, parse_override_args  # noqa: E402
+from pkm.memory_config import MemoryConfig  # noqa: E402
+from pkm.presets import preset_memory  # noqa: E402
+from pretrain.config import load_config, parse_override_args, save_config  # noqa: E402
 from pretrain.logging_utils import read_jsonl  # noqa: E402
 from pretrain.main import parse_cli, prepare_run, resolve_ds_config  # noqa: E402
 from pretrain.trainer import lr_lambda  # noqa: E402
 
-TINY_OVERRIDES = {"memory_layers": [1], "mem_n_keys": 16}
+TINY_MEMORY = {"layers": [1], "n_keys": 16, "heads": 2, "knn": 4, "k_dim": 16}
 # One thread per rank: 2 ranks on a 2-core machine are not oversubscribed, and the thread count (so
 # the summation order of every kernel) cannot change with the load of the machine.
 RANK_ENV = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -88,7 +90,7 @@ def shards(tmp_path_factory) -> str:
 
 def run_config(shard_dir: str, out_dir: str, **train) -> dict:
     return {
-        "model": {"preset": "tiny", "overrides": dict(TINY_OVERRIDES)},
+        "model": {"preset": "tiny", "memory": dict(TINY_MEMORY)},
         "data": {"shard_dir": shard_dir, "max_seq_len": 64},
         "optim": {"lr": 2e-3, "warmup_steps": 3, "value_lr": 1e-2, "value_grad_clip": 1.0},
         "train": {"max_steps": 12, "seed": 11, "log_every": 1, "eval_every": 0, "eval_batches": 2,
@@ -104,12 +106,12 @@ def _free_port() -> int:
 
 def launch(cfg: dict, ds_config: str, nproc: int, extra: list[str] | None = None,
            timeout: int = 300) -> tuple[int, str]:
-    """Run pretrain/main.py under the deepspeed launcher; returns (exit code, combined output)."""
+    """Run pretrain.main under the deepspeed launcher; returns (exit code, combined output)."""
     os.makedirs(cfg["train"]["out_dir"], exist_ok=True)
     cfg_path = os.path.join(cfg["train"]["out_dir"], "..", os.path.basename(cfg["train"]["out_dir"]) + "_cfg.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_free_port()), "pretrain/main.py",
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "pretrain.main",
            "--deepspeed_config", os.path.join(REPO, "ds_configs", ds_config), "--config", cfg_path, *(extra or [])]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **RANK_ENV})
     return p.returncode, p.stdout + p.stderr
@@ -169,6 +171,35 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(None, [("optimizer.lr", 3)])
     with pytest.raises(ValueError, match="'train.max_steps' must be an integer"):
         load_config(None, [("train.max_steps", "many")])
+
+
+def test_memory_section_is_typed_and_checked_on_load(tmp_path):
+    cfg = load_config(None, parse_override_args(["--model.memory.n_keys=256", "--model.memory.layers=[1, 0]"]))
+    memory = cfg.model.memory
+    assert isinstance(memory, MemoryConfig) and memory.layers == [0, 1] and memory.num_slots == 256**2
+    assert memory.knn == MemoryConfig().knn  # fields left out take MemoryConfig's defaults
+    assert load_config(None).model.memory is None  # absent: the preset's own memory
+    with pytest.raises(ValueError, match=r"config section 'model.memory': memory knn \(64\) cannot exceed n_keys \(16\)"):
+        load_config(None, [("model.memory.n_keys", 16), ("model.memory.knn", 64)])
+    with pytest.raises(ValueError, match="unknown config key 'model.memory.n_key'"):
+        load_config(None, [("model.memory.n_key", 16)])
+    with pytest.raises(ValueError, match="'model.memory.heads' must be an integer"):
+        load_config(None, [("model.memory.heads", "four")])
+    path = str(tmp_path / "resolved.json")
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+
+
+def test_memory_fields_in_overrides_are_the_old_spelling():
+    old = load_config(None, [("model.overrides", {"hidden_size": 64, "memory_layers": [1], "mem_n_keys": 8,
+                                                  "mem_knn": 2})])
+    assert old.model.overrides == {"hidden_size": 64}
+    # applied on top of the preset's memory, as they used to be
+    assert old.model.memory == preset_memory("tiny").replace(layers=[1], n_keys=8, knn=2)
+    with_init = load_config(None, [("model.init_from", "somewhere"), ("model.overrides", {"mem_n_keys": 64})])
+    assert with_init.model.memory == MemoryConfig(n_keys=64)
+    with pytest.raises(ValueError, match="beside model.memory: set them in model.memory only"):
+        load_config(None, [("model.overrides", {"mem_n_keys": 64}), ("model.memory.n_keys", 64)])
 
 
 def test_schedule_shape_is_shared():
@@ -250,14 +281,30 @@ def test_inconsistent_setups_fail_before_training(shards, tmp_path):
         _prep(shards, out, "--ds.train_batch_size=8", world=2)
     with pytest.raises(ValueError, match="unknown preset|model.preset 'huge' is unknown"):
         _prep(shards, out, "--model.preset=huge")
+    # the preset's memory, unless model.memory describes one (then in full, with its defaults)
+    assert prep.model_config.memory == preset_memory("tiny")
+    prep = _prep(shards, out, "--model.memory.n_keys=32", "--model.memory.knn=8")
+    assert prep.model_config.memory == MemoryConfig(n_keys=32, knn=8).replace(layers=[0])  # middle of 2
     # init_from a memory-less BERT with the data's vocabulary is accepted
     prep = _prep(shards, out, f"--model.init_from={_minilm_path()}")
     assert prep.model_config.hidden_size == 384 and prep.model_config.memory_layers == [2]  # middle of 6
 
 
+def test_init_from_builds_the_checked_config(shards, tmp_path):
+    """The model config is made once, by prepare_run; build_model builds exactly that one."""
+    from pretrain.main import build_model
+
+    prep = _prep(shards, str(tmp_path / "run"), f"--model.init_from={_minilm_path()}",
+                 "--model.memory.n_keys=8", "--model.memory.knn=4", "--model.memory.k_dim=8",
+                 "--model.memory.value_init=zeros")
+    model, summary = build_model(prep)
+    assert model.config is prep.model_config and "init_from" in summary
+    assert model.config.memory == MemoryConfig(layers=[2], n_keys=8, knn=4, k_dim=8, value_init="zeros")
+
+
 def test_cli_reports_config_errors_without_starting(shards, tmp_path):
     t0 = time.time()
-    p = subprocess.run([PY, "pretrain/main.py", "--deepspeed_config", "ds_configs/tiny_zero2_fp32.json",
+    p = subprocess.run([PY, "-m", "pretrain.main", "--deepspeed_config", "ds_configs/tiny_zero2_fp32.json",
                         "--model.preset=tiny", f"--data.shard_dir={shards}", f"--train.out_dir={tmp_path}/r",
                         "--train.max_step=3"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
@@ -377,14 +424,29 @@ def test_kill9_then_resume_is_exact(shards, run_root):
         assert sa["sampler"] == sb["sampler"] and sa["tokens_seen"] == sb["tokens_seen"]
 
 
+def test_help_lists_the_memory_keys(capsys):
+    from pretrain.main import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert '"n_keys": 512' in out and '"value_init": "normal"' in out and "N = n_keys^2" in out
+
+
+@pytest.mark.parametrize("script, module", [("pretrain/main.py", "pretrain.main"), ("pretrain/convert.py", "pretrain.convert")])
+def test_entry_run_as_a_file_says_to_use_the_module(script, module):
+    p = subprocess.run([PY, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert f"python -m {module}" in p.stderr
+
+
 def test_sigterm_saves_and_exits_cleanly(shards, tmp_path):
-    """Single process (`python pretrain/main.py`): SIGTERM -> checkpoint at the next step, exit 0."""
+    """Single process (`python -m pretrain.main`): SIGTERM -> checkpoint at the next step, exit 0."""
     out = str(tmp_path / "sig")
     cfg = run_config(shards, out, max_steps=10_000, ckpt_every=0)
     cfg_path = str(tmp_path / "sig.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    proc = subprocess.Popen([PY, "pretrain/main.py", "--deepspeed_config", "ds_configs/tiny_zero1_fp32.json",
+    proc = subprocess.Popen([PY, "-m", "pretrain.main", "--deepspeed_config", "ds_configs/tiny_zero1_fp32.json",
                              "--config", cfg_path], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(out, "metrics.jsonl")
     deadline = time.time() + 180

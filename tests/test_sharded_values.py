@@ -20,6 +20,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from pkm.checkpoint_values import (
     META_FILE,
@@ -32,9 +34,9 @@ from pkm.checkpoint_values import (
 from pkm.memory import ProductKeyMemory
 from pkm.sharded_values import (
     ShardedValueTable,
+    attach_sharded_values,
     column_bounds,
     data_parallel_grad_scale,
-    shard_memory_values,
     values_grad_sq_norm,
 )
 from pkm.sparse_adam import SparseAdam
@@ -47,6 +49,8 @@ T_TOTAL = 14
 COUNTS_A = {3: [5, 0, 9], 2: [3, 11], 1: [T_TOTAL]}  # uneven, one rank empty (P=3)
 COUNTS_B = {3: [4, 7, 3], 2: [9, 5]}  # the mean-loss test needs tokens on every rank
 COUNTS_C = {3: [2, 0, 12], 2: [14, 0]}
+BIG = {**CFG, "n_keys": 32}  # N = 1024 rows x 7: the largest tensor by far when held in full
+BIG_FULL = 32 * 32 * DIM
 ADAM = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-3)  # eps large enough that the grad scale matters
 DENSE_LR = 0.5
 
@@ -148,10 +152,33 @@ def _dense_params(mem: ProductKeyMemory) -> list[tuple[str, torch.nn.Parameter]]
     return [(n, p) for n, p in mem.named_parameters() if p.requires_grad]
 
 
-def _memory(state: dict) -> ProductKeyMemory:
-    mem = ProductKeyMemory(**CFG)
-    mem.load_state_dict(state)
+def _memory(state: dict, external_values: bool = False) -> ProductKeyMemory:
+    """The memory of ``state``; with external_values, without a table (one is handed in later)."""
+    mem = ProductKeyMemory(**CFG, external_values=external_values)
+    mem.load_state_dict({k: v for k, v in state.items() if not (external_values and k.startswith("values."))})
     return mem
+
+
+def _with_shard(state: dict, group, grad_reduction: str) -> tuple[ProductKeyMemory, ShardedValueTable]:
+    """The memory of ``state`` built without a table, handed this rank's shard of state's table."""
+    mem = _memory(state, external_values=True)
+    table = ShardedValueTable.from_full(state["values.weight"], group=group, grad_reduction=grad_reduction)
+    mem.attach_values(table)
+    return mem, table
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op creates while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
 
 
 def _table_step(table: ValueTable, opt: SparseAdam, idx, w, probe) -> dict:
@@ -178,9 +205,8 @@ def _scenario_layer(group, counts, data, ckpt_dir) -> dict:
     SparseAdam step; byte counts; then save the shard checkpoint."""
     r = dist.get_rank(group)
     sl = _slices(counts)[r]
-    mem = _memory(data["state"])
-    tables = shard_memory_values([("mem", mem)], group=group, grad_reduction="sum")
-    table = tables["mem"]
+    mem, table = _with_shard(data["state"], group, "sum")
+    tables = {"mem": table}
     assert "values.weight" not in mem.state_dict()  # the shard is not a submodule
     out = mem(data["x"][0][sl]).output
     (out * data["probe"][sl]).sum().backward()
@@ -196,7 +222,7 @@ def _scenario_layer(group, counts, data, ckpt_dir) -> dict:
     save_value_shards(ckpt_dir, tables, opt)
 
     # table level on a fresh shard of the same values: lookup-weight grads and duplicates
-    t2 = ShardedValueTable.from_full(_memory(data["state"]).values.weight, group=group, grad_reduction="sum")
+    t2 = ShardedValueTable.from_full(data["state"]["values.weight"], group=group, grad_reduction="sum")
     w = data["w"][sl].clone().requires_grad_(True)
     o2 = t2(data["idx"][sl], w)
     (o2 * data["probe"][sl]).sum().backward()
@@ -220,10 +246,8 @@ def _scenario_mean(group, counts, data) -> dict:
     DeepSpeed do), value shard with grad_reduction="mean" and SparseAdam."""
     P, r = dist.get_world_size(group), dist.get_rank(group)
     sl = _slices(counts)[r]
-    mem = _memory(data["state"])
-    tables = shard_memory_values(torch.nn.ModuleDict({"pkm": mem}), group=group)  # default: "mean"
-    assert list(tables) == ["pkm"] and mem.value_table is tables["pkm"]
-    table = tables["pkm"]
+    mem, table = _with_shard(data["state"], group, "mean")
+    assert mem.value_table is table
     dense = torch.optim.SGD([p for _, p in _dense_params(mem)], lr=DENSE_LR)
     opt = SparseAdam([table], **ADAM)
     value_grads = []
@@ -257,6 +281,20 @@ def _scenario_load(group, counts, data, ckpt_dir) -> dict:
     return res
 
 
+def _scenario_handed_in(group, counts, data) -> dict:
+    """Memories built without tables get fresh shards from attach_sharded_values: no op on this rank
+    creates a tensor of a full table's size (construction, shard init, forward, backward)."""
+    sl = _slices(counts)[dist.get_rank(group)]
+    with LargestTensor() as seen:
+        model = torch.nn.ModuleDict({name: ProductKeyMemory(**BIG, external_values=True) for name in ("a", "b")})
+        tables = attach_sharded_values(model, group=group, seed=5)
+        out = model["a"](data["x"][0][sl]).output + model["b"](data["x"][1][sl]).output
+        (out * data["probe"][sl]).sum().backward()
+    assert all(m.value_table is tables[n] for n, m in model.items())
+    return {"largest": seen.largest, "names": list(tables), "grad": tables["a"].sparse_grad is not None,
+            "weights": {n: t.weight.detach().clone() for n, t in tables.items()}}
+
+
 def _worker(rank: int, data: dict, ckpt: dict) -> dict:
     world = dist.group.WORLD
     pair = dist.new_group([0, 1])  # every rank must call new_group, members or not
@@ -271,6 +309,9 @@ def _worker(rank: int, data: dict, ckpt: dict) -> dict:
     res["mean3"] = _scenario_mean(world, COUNTS_B[3], data)
     if in_pair:
         res["mean2"] = _scenario_mean(pair, COUNTS_B[2], data)
+    res["handed3"] = _scenario_handed_in(world, COUNTS_B[3], data)
+    if in_pair:
+        res["handed2"] = _scenario_handed_in(pair, COUNTS_B[2], data)
     dist.barrier()  # every checkpoint is complete
     res["load2to3"] = _scenario_load(world, COUNTS_C[3], data, ckpt[2])
     if in_pair:
@@ -405,6 +446,34 @@ def test_grad_scale_mean_matches_global_batch_with_averaged_loss(runs, P):
             _close(r["params"][name], p)
     # the factor matters: the unscaled (summed) grad is P times the reference
     assert not torch.allclose(ranks[0]["value_grads"][0] * P, ref["value_grads"][0][:, : ranks[0]["value_grads"][0].shape[1]])
+
+
+def test_no_rank_allocates_a_full_table(runs):
+    for P in (2, 3):
+        ranks = _ranks(runs, f"handed{P}")
+        assert len(ranks) == P and all(r["names"] == ["a", "b"] and r["grad"] for r in ranks)
+        assert all(0 < r["largest"] <= -(-DIM // P) * 32 * 32 for r in ranks), [r["largest"] for r in ranks]
+    # the probe is not blind: a memory that builds its own table creates one of full size
+    with LargestTensor() as seen:
+        ProductKeyMemory(**BIG)
+    assert seen.largest == BIG_FULL
+
+
+def test_fresh_shards_form_the_same_table_for_any_rank_count(runs):
+    """Each column has its own seeded generator: 2 and 3 ranks start from identical tables, and
+    two memories from different ones."""
+    two = {n: _cat_cols([r["weights"] for r in _ranks(runs, "handed2")], n) for n in ("a", "b")}
+    three = {n: _cat_cols([r["weights"] for r in _ranks(runs, "handed3")], n) for n in ("a", "b")}
+    for name in ("a", "b"):
+        assert two[name].shape == (32 * 32, DIM)
+        torch.testing.assert_close(two[name], three[name], atol=0, rtol=0)
+    assert not torch.equal(two["a"], two["b"])
+    torch.testing.assert_close(two["a"].std(), torch.tensor(DIM**-0.5), atol=0.02, rtol=0)
+
+
+def test_attach_refuses_memories_that_own_a_full_table():
+    with pytest.raises(ValueError, match=r"memories \['mem'\] own full value tables: build the model with external_values=True"):
+        attach_sharded_values([("mem", ProductKeyMemory(**CFG))])
 
 
 @pytest.mark.parametrize("P", [1, 2, 3])
