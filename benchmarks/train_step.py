@@ -274,8 +274,11 @@ def build_ours(shape: Shape, with_memory: bool, memory: dict, device: torch.devi
 
     def close() -> None:
         trainer.metrics.close()
-        if hasattr(engine, "destroy"):
-            engine.destroy()
+        try:  # releases the engine's hooks and buffers; a failure here must not lose the other rows
+            if hasattr(engine, "destroy"):
+                engine.destroy()
+        except Exception as e:  # noqa: BLE001
+            print(f"# warning: engine.destroy() failed ({type(e).__name__}: {e}); memory may stay held", flush=True)
 
     return Built(trainer.train_step, set_batches, engine.module, close)
 
@@ -386,10 +389,12 @@ def run_row(row: str, shape: Shape, args, device: torch.device, precision: str, 
                 else:
                     peak = _rss_gib()
                 res.update(status="ok", ms_per_step=step_s * 1e3, peak_mem_gib=peak, **rates)
+                # diagnostics after the timing: a failure is reported in the row, the numbers are kept
                 if args.check_syncs and i == 0:
-                    res["host_syncs"] = check_syncs(built)
+                    res["host_syncs"] = _diagnostic(check_syncs, built)
                 if args.profile:
-                    res["profile"] = profile_steps(built, device, args.profile, f"{args.current_model}_{row}_micro{micro}")
+                    res["profile"] = _diagnostic(profile_steps, built, device, args.profile,
+                                                 f"{args.current_model}_{row}_micro{micro}")
             except Exception as e:  # noqa: BLE001 - an OOM row is reported, anything else re-raised
                 if not _is_oom(e):
                     raise
@@ -433,6 +438,16 @@ def profile_steps(built: Built, device: torch.device, folder: str, name: str, st
         f.write(f"# {steps} steps of {name}, sorted by {sort_by}\n")
         f.write(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=70))
     return path
+
+
+def _diagnostic(fn: Callable, *args) -> Any:
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        if _is_oom(e):
+            raise
+        print(f"# warning: {fn.__name__} failed: {type(e).__name__}: {e}", flush=True)
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def check_syncs(built: Built) -> list[dict[str, str]]:
@@ -623,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(run_row(row, shape, args, device, args.precision, args.micro))
     print("\n" + markdown_table(rows, args.peak_tflops), flush=True)
     for r in rows:
-        for event in r.get("host_syncs", []):
+        events = r.get("host_syncs", [])
+        for event in events if isinstance(events, list) else []:
             print(f"host sync in {r['title']} ({r['model']}): {event['op']} at {event['where']}")
     if args.json:
         from pkm.atomic_io import write_json_atomic

@@ -153,3 +153,14 @@ def test_add_positions_on_a_plain_batch():
     labels = torch.tensor([[-100, 5, -100], [7, -100, -100]])
     batch = add_positions({"labels": labels, "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])})
     assert batch["masked_positions"].tolist() == [1, 3] and batch["token_positions"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_one_rank_checks_the_stop_flag_without_touching_the_device():
+    """The per-step stop check needs an all-reduce (and its .item()) only with several ranks."""
+    from pretrain.trainer import Trainer, _StopFlag
+
+    tr = object.__new__(Trainer)  # no device, no process group: any tensor op would fail
+    tr.world_size, tr.stop = 1, _StopFlag()
+    assert tr._stop_requested() is False
+    tr.stop.requested = True
+    assert tr._stop_requested() is True
