@@ -300,18 +300,28 @@ class ProductKeyMemory(nn.Module):
         q = F.dropout(q, p=self.query_dropout, training=self.training)
         return q.view(q.shape[0], self.heads, self.k_dim)  # [T, H, k_dim]
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MemoryOutput:
-        """x [B, S, d] or [T, d]; attention_mask [B, S] (1 real, 0 pad) or None.
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_positions: torch.Tensor | None = None) -> MemoryOutput:
+        """x [B, S, d] or [T, d]; attention_mask [B, S] (1 real, 0 pad) or None; or, instead of the
+        mask, token_positions [T]: the flat (row-major) indices of the real tokens, ascending.
 
         Padded positions are dropped before the query net (so they never touch BatchNorm statistics)
-        and get output 0.
+        and get output 0. token_positions give the same tokens in the same order as the mask, without
+        the host sync a boolean mask costs on a GPU (its count is only known after ``nonzero``).
         """
         if x.shape[-1] != self.input_dim:
             raise ValueError(f"memory input has last dim {x.shape[-1]}, expected {self.input_dim}.")
         if x.dim() not in (2, 3):
             raise ValueError(f"memory input must be [B, S, d] or [T, d], got shape {tuple(x.shape)}.")
         real = None
-        if attention_mask is not None:
+        if token_positions is not None:
+            if attention_mask is not None:
+                raise ValueError("pass either attention_mask or token_positions to the memory, not both.")
+            if token_positions.dim() != 1 or token_positions.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"token_positions must be a 1-D integer tensor, got shape "
+                                 f"{tuple(token_positions.shape)} and dtype {token_positions.dtype}.")
+            tokens = x.reshape(-1, self.input_dim).index_select(0, token_positions)  # [T, d]
+        elif attention_mask is not None:
             if attention_mask.shape != x.shape[:-1]:
                 raise ValueError(
                     f"attention_mask shape {tuple(attention_mask.shape)} does not match input "
@@ -334,7 +344,10 @@ class ProductKeyMemory(nn.Module):
         )  # [T, output_dim]
         out = F.dropout(out, p=self.value_dropout, training=self.training)
 
-        if real is not None:
+        if token_positions is not None:
+            full = out.new_zeros(x.shape[:-1].numel(), self.output_dim).index_copy(0, token_positions, out)
+            full = full.view(*x.shape[:-1], self.output_dim)  # [B, S, output_dim]
+        elif real is not None:
             full = out.new_zeros(*x.shape[:-1], self.output_dim)  # [B, S, output_dim]
             full = full.index_put((real,), out)
         else:

@@ -165,11 +165,15 @@ class BertPkmLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, MemoryOutput | None]:
         """hidden_states [B, S, d]; attention_mask: the attention implementation's mask;
-        memory_mask [B, S] (1 real, 0 pad) or None -> ([B, S, d], MemoryOutput or None)."""
+        memory_mask [B, S] (1 real, 0 pad), or [T] flat indices of the real tokens (the memory's
+        token_positions: no host sync), or None -> ([B, S, d], MemoryOutput or None)."""
         h, _ = self.attention(hidden_states, attention_mask, **kwargs)  # [B, S, d]
         if not self.has_memory:
             return self.output(self.intermediate(h), h), None
-        mem = self.memory(h, memory_mask)  # output [B, S, d], zero at padded positions
+        if memory_mask is not None and memory_mask.dim() == 1:
+            mem = self.memory(h, token_positions=memory_mask)
+        else:
+            mem = self.memory(h, memory_mask)  # output [B, S, d], zero at padded positions
         if self.memory_mode == "replace":
             return self.output(mem.output, h), mem
         return self.output(self.intermediate(h), h, mem.output), mem
@@ -284,10 +288,13 @@ class BertPkmModel(BertPkmPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        token_positions: torch.Tensor | None = None,
         **kwargs,
     ) -> BertPkmModelOutput:
         """attention_mask [B, S] (1 real, 0 pad): used by attention and, as is, by the memories so
-        padded tokens stay out of BatchNorm statistics."""
+        padded tokens stay out of BatchNorm statistics. token_positions [T] (optional): the flat
+        indices of the real tokens (``pretrain.data.add_positions``); the memories then take them
+        instead of the mask, which avoids a host sync per memory layer on a GPU."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
         kwargs.pop("use_cache", None)  # encoder only: there is no cache
@@ -300,7 +307,7 @@ class BertPkmModel(BertPkmPreTrainedModel):
         # The memories take the [B, S] padding mask as is; a caller-made 4D attention mask carries
         # no per-token padding, so the memories then treat every position as real.
         is_2d = attention_mask is not None and attention_mask.dim() == 2
-        memory_mask = attention_mask if is_2d else None
+        memory_mask = token_positions if token_positions is not None else (attention_mask if is_2d else None)
         attn_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
         )
@@ -367,17 +374,23 @@ class BertPkmForMaskedLM(BertPkmPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         masked_logits_only: bool | None = None,
+        masked_positions: torch.Tensor | None = None,
+        token_positions: torch.Tensor | None = None,
         **kwargs,
     ) -> BertPkmMaskedLMOutput:
         """labels [B, S], -100 = not predicted. ``masked_logits_only`` (default: training and labels
         given) projects to the vocabulary only where labels != -100: logits are then [M, vocab]
-        (see BertPkmMaskedLMOutput), otherwise [B, S, vocab]. The loss is the same either way."""
+        (see BertPkmMaskedLMOutput), otherwise [B, S, vocab]. The loss is the same either way.
+        ``masked_positions`` [M] / ``token_positions`` [T] (optional, from
+        ``pretrain.data.add_positions``): flat indices of the labelled positions / real tokens, used
+        instead of boolean masks so that a GPU step needs no host sync; same results."""
         outputs = self.bert(
             input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            token_positions=token_positions,
             return_dict=True,
             **kwargs,
         )
@@ -388,7 +401,12 @@ class BertPkmForMaskedLM(BertPkmPreTrainedModel):
             raise ValueError("masked_logits_only=True needs labels: they say which positions to score.")
 
         loss = None
-        if masked_logits_only:
+        if masked_logits_only and masked_positions is not None:
+            # rows of the labelled positions by an index of known length: no host sync
+            flat = sequence_output.reshape(-1, sequence_output.shape[-1])  # [B*S, d]
+            logits = self.cls(flat.index_select(0, masked_positions))  # [M, vocab]
+            loss = CrossEntropyLoss()(logits, labels.reshape(-1).index_select(0, masked_positions))
+        elif masked_logits_only:
             selected = labels != -100  # [B, S]
             logits = self.cls(sequence_output[selected])  # [M, vocab]; boolean index syncs once
             loss = CrossEntropyLoss()(logits, labels[selected])

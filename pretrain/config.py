@@ -43,6 +43,7 @@ __all__ = [
 
 DECAY_SHAPES = ("linear", "cosine", "constant")
 DENSE_OPTIMIZER_IMPLS = ("auto", "torch", "deepspeed")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 @dataclass
@@ -67,6 +68,9 @@ class ModelConfig:
     memory: MemoryConfig | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     init_seed: int | None = None  # seed of the model initialisation (same on every rank); None: train.seed
+    # attention kernel (Hugging Face attn_implementation): sdpa picks flash / memory-efficient kernels
+    # on GPUs; flash_attention_2 needs the flash-attn package
+    attn_implementation: str = "sdpa"
 
     def __post_init__(self) -> None:
         self._move_memory_overrides()
@@ -124,6 +128,7 @@ class OptimConfig:
     value_weight_decay: float = 0.0
     value_grad_clip: float = 0.0  # global norm over all value tables (all ranks); 0: off
     dense_impl: str = "auto"  # auto: torch AdamW, DeepSpeedCPUAdam under optimizer offload
+    fused: bool | None = None  # torch AdamW's fused kernel (fused=True); None: on GPUs only
 
 
 @dataclass
@@ -144,6 +149,11 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (GPU: bitwise-reproducible resume, slower)
     debug_kill_after_step: int = 0  # tests: SIGKILL every rank right after this step's checkpoint
     debug_dump_logits: bool = False  # tests: save the first validation batch's logits at the end
+    # torch.compile the encoder layers without a memory (in place; checkpoints unchanged). Off by
+    # default: the first steps pay the compilation (about a minute for BERT-large on a GPU, and CPUs
+    # need a C++ compiler); worth it for long GPU runs.
+    compile: bool = False
+    peak_tflops: float = 790.0  # the device's peak dense TFLOP/s, for the logged MFU (790: H200 bf16)
 
 
 @dataclass
@@ -171,6 +181,12 @@ class RunConfig:
             raise ValueError(f"train.eval_batches must be >= 0 (0: the whole split), got {t.eval_batches}.")
         if o.decay not in DECAY_SHAPES:
             raise ValueError(f"optim.decay must be one of {DECAY_SHAPES}, got {o.decay!r}.")
+        if self.model.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
+                             f"got {self.model.attn_implementation!r}.")
+        if not (math.isfinite(t.peak_tflops) and t.peak_tflops > 0):
+            raise ValueError(f"train.peak_tflops must be a positive number (the device's peak TFLOP/s), "
+                             f"got {t.peak_tflops!r}.")
         if o.dense_impl not in DENSE_OPTIMIZER_IMPLS:
             raise ValueError(f"optim.dense_impl must be one of {DENSE_OPTIMIZER_IMPLS}, got {o.dense_impl!r}.")
         if o.warmup_steps < 0:

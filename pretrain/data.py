@@ -224,13 +224,28 @@ class MLMDataset(torch.utils.data.Dataset):
         labels = np.where(selected, ids, IGNORE_INDEX)
         return input_ids, labels
 
-    def collate(self, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-        return collate_mlm(samples, pad_token_id=self.pad_id)
+    def collate(self, samples: Sequence[dict[str, np.ndarray]], with_positions: bool = False) -> dict[str, torch.Tensor]:
+        return collate_mlm(samples, pad_token_id=self.pad_id, with_positions=with_positions)
+
+
+def add_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the flat (row-major, ``b * S + s``) indices of the predicted positions
+    (``masked_positions`` [M], labels != -100) and of the real tokens (``token_positions`` [T],
+    attention_mask == 1) to a CPU batch, in place.
+
+    Computed here, on the host where the batch is made, so that the model can gather those rows
+    with an index of known length instead of a boolean mask, whose length a GPU only knows after a
+    host sync (``nonzero``). The order is the boolean mask's, so ``x.view(B * S, -1)[positions]``
+    equals ``x[mask]`` row for row."""
+    batch["masked_positions"] = torch.nonzero(batch["labels"].reshape(-1) != IGNORE_INDEX).reshape(-1)
+    batch["token_positions"] = torch.nonzero(batch["attention_mask"].reshape(-1)).reshape(-1)
+    return batch
 
 
 def collate_mlm(samples: Sequence[dict[str, np.ndarray]], pad_token_id: int = 0,
-                pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad samples into the model input dict: input_ids, attention_mask, token_type_ids, labels [B, S]."""
+                pad_to_multiple_of: int | None = None, with_positions: bool = False) -> dict[str, torch.Tensor]:
+    """Pad samples into the model input dict: input_ids, attention_mask, token_type_ids, labels [B, S]
+    (and, ``with_positions``, the index lists of :func:`add_positions`)."""
     lengths = np.array([len(s["input_ids"]) for s in samples], np.int64)
     width = int(lengths.max())
     if pad_to_multiple_of:
@@ -240,12 +255,13 @@ def collate_mlm(samples: Sequence[dict[str, np.ndarray]], pad_token_id: int = 0,
     labels = np.full((len(samples), width), IGNORE_INDEX, np.int64)
     input_ids[valid] = np.concatenate([s["input_ids"] for s in samples])
     labels[valid] = np.concatenate([s["labels"] for s in samples])
-    return {
+    batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(valid.astype(np.int64)),
         "token_type_ids": torch.zeros((len(samples), width), dtype=torch.long),
         "labels": torch.from_numpy(labels),
     }
+    return add_positions(batch) if with_positions else batch
 
 
 class MLMSampler(torch.utils.data.Sampler):

@@ -44,7 +44,7 @@ def format_progress(step: int, max_steps: int, metrics: dict[str, Any], eta_s: f
     parts = [f"step {step:>{len(str(max_steps))}d}/{max_steps} ({100.0 * step / max_steps:4.1f}%)"]
     order = [("loss", "loss"), ("mlm_acc", "acc"), ("lr", "lr"), ("value_lr", "vlr"),
              ("grad_norm", "gnorm"), ("value_grad_norm", "vgnorm"), ("tokens_per_s", "tok/s"),
-             ("step_time_s", "s/step")]
+             ("samples_per_s", "seq/s"), ("mfu", "mfu"), ("step_time_s", "s/step")]
     for key, label in order:
         if key in metrics and metrics[key] is not None:
             v = metrics[key]
@@ -52,6 +52,10 @@ def format_progress(step: int, max_steps: int, metrics: dict[str, Any], eta_s: f
                 parts.append(f"{label} {v:.2e}")
             elif key == "tokens_per_s":
                 parts.append(f"{label} {v:,.0f}")
+            elif key == "samples_per_s":
+                parts.append(f"{label} {v:,.1f}")
+            elif key == "mfu":
+                parts.append(f"{label} {100 * v:.2f}%")
             else:
                 parts.append(f"{label} {_fmt_num(float(v))}")
     if eta_s is not None:

@@ -185,6 +185,11 @@ def resolve_ds_config(cfg: RunConfig, ds_raw: dict[str, Any], world_size: int, o
     o = cfg.optim
     offload = _offload_device(ds)
     use_torch_adam = o.dense_impl == "torch" or (o.dense_impl == "auto" and offload is None)
+    if o.fused and not use_torch_adam:
+        raise ValueError(
+            f"optim.fused=true asks for torch's fused AdamW, but {ds_name} uses DeepSpeed's own optimizer "
+            "(optimizer offload or optim.dense_impl=deepspeed): drop optim.fused or use dense_impl auto/torch "
+            "without offload.")
     if o.dense_impl == "torch" and offload is not None:
         raise ValueError(
             f"{ds_name} offloads the optimizer to {offload}, which needs DeepSpeed's CPU Adam: set "
@@ -192,6 +197,8 @@ def resolve_ds_config(cfg: RunConfig, ds_raw: dict[str, Any], world_size: int, o
     params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     if use_torch_adam:
         params["torch_adam"] = True
+        if o.fused if o.fused is not None else on_gpu:
+            params["fused"] = True  # DeepSpeed passes it on to torch.optim.AdamW: one kernel per step
     ds["optimizer"] = {"type": "AdamW", "params": params}
     if o.grad_clip > 0:
         ds["gradient_clipping"] = o.grad_clip
@@ -367,6 +374,7 @@ def build_model(prep: PreparedRun):
     else:
         model = BertPkmForMaskedLM(prep.model_config, external_values=True)
         summary = f"preset {cfg.model.preset} from scratch"
+    model.set_attn_implementation(cfg.model.attn_implementation)
     model.train()
     return model, summary
 
@@ -424,7 +432,8 @@ def run(prep: PreparedRun):
     d = cfg.data
     micro = ds["train_micro_batch_size_per_gpu"]
     train_data = TrainStream(d.shard_dir, d.train_split, d.max_seq_len, d.packing, d.mlm_probability,
-                             d.whole_word_masking, cfg.train.seed, micro, rank, world, d.num_workers)
+                             d.whole_word_masking, cfg.train.seed, micro, rank, world, d.num_workers,
+                             pin_memory=device.type == "cuda")
     val_data = ValidationData(d.shard_dir, d.val_split, d.max_seq_len, d.packing, d.mlm_probability,
                               d.whole_word_masking, cfg.train.seed, micro, rank, world)
     trainer = Trainer(cfg, engine, tables, value_opt, value_sched, train_data, val_data, ds, rank, world,

@@ -24,6 +24,7 @@ checkpoint), the value one through a LambdaLR on SparseAdam stepped right after.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -41,8 +42,10 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import OptimConfig, RunConfig, config_to_dict
 from pretrain.evaluate import ValidationData, evaluate_mlm
 from pretrain.logging_utils import MetricsLogger, get_logger
+from pretrain.throughput import flops_per_sequence, non_embedding_params, throughput_metrics
 
-__all__ = ["lr_lambda", "build_engine", "Trainer", "TrainResult", "TrainStream", "ValidationData", "seed_everything"]
+__all__ = ["lr_lambda", "build_engine", "compile_encoder_layers", "model_inputs", "Trainer", "TrainResult",
+           "TrainStream", "ValidationData", "seed_everything"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,13 +97,15 @@ class TrainStream:
 
     def __init__(self, shard_dir: str, split: str, max_seq_len: int, packing: str, mask_prob: float,
                  whole_word_masking: bool, seed: int, micro_batch: int, rank: int, world_size: int,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, pin_memory: bool | None = None) -> None:
         from pretrain.data import MLMDataset
 
         self.dataset = MLMDataset(shard_dir, split=split, max_seq_len=max_seq_len, packing=packing,
                                   mask_prob=mask_prob, whole_word_masking=whole_word_masking, seed=seed)
         self.seed, self.micro_batch = seed, micro_batch
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        # page-locked batches let the trainer's non_blocking copies to a GPU run asynchronously
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.consumed_samples = 0
         self._iter: Any = None
 
@@ -110,8 +115,10 @@ class TrainStream:
         sampler = MLMSampler(len(self.dataset), rank=self.rank, world_size=self.world_size, seed=self.seed,
                              shuffle=True, consumed_samples=self.consumed_samples)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.micro_batch, sampler=sampler, collate_fn=self.dataset.collate,
-            num_workers=self.num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+            self.dataset, batch_size=self.micro_batch, sampler=sampler,
+            # with the index lists of the masked positions and real tokens: a GPU step needs no host sync
+            collate_fn=functools.partial(self.dataset.collate, with_positions=True),
+            num_workers=self.num_workers, persistent_workers=False, pin_memory=self.pin_memory,
             # its own generator: creating an iterator draws a base seed, which from the global RNG
             # would shift the dropout stream of a resumed run (the loader is rebuilt on resume)
             generator=torch.Generator().manual_seed(self.seed),
@@ -149,6 +156,32 @@ class TrainStream:
 # --------------------------------------------------------------------------------------------------
 
 
+def compile_encoder_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """torch.compile every encoder layer without a memory, in place (``layer.compile()``: the
+    state_dict keys, hence checkpoints, stay the same). Memory layers stay eager: their top-k
+    selection, custom autograd functions and sharded lookup (collectives) would only break the
+    graph. Returns the number of layers compiled. Used by ``train.compile``."""
+    from pkm.modeling import BertPkmLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BertPkmLayer) and not m.has_memory]
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the training forward for a host-side batch.
+
+    A batch without padding (``token_positions`` lists every position, known from shapes on the
+    host) goes without its attention mask: the memories take ``token_positions`` instead, and
+    attention without a mask is the same computation, but Hugging Face's SDPA path would otherwise
+    check ``mask.all()`` on the device every forward (a host sync) to decide to drop it."""
+    positions = batch.get("token_positions")
+    if positions is not None and "attention_mask" in batch and positions.numel() == batch["attention_mask"].numel():
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return dict(batch)
+
+
 def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any], device: torch.device,
                  group: Any = None) -> tuple[Any, dict[str, Any], Any, Any]:
     """Hand ``model``'s memories their value tables (column shards over ``group``, default: the
@@ -168,6 +201,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, An
     schedule = lr_lambda(o, cfg.train.max_steps)
     tables: dict[str, Any] = {}
     value_opt = value_sched = None
+    if cfg.train.compile:
+        compile_encoder_layers(model)
     if memory_modules(model):
         # outside the module, so DeepSpeed never broadcasts, casts or partitions them (DESIGN.md)
         seed = cfg.model.init_seed if cfg.model.init_seed is not None else cfg.train.seed
@@ -272,6 +307,10 @@ class Trainer:
         self.staleness = [StalenessTracker(t.num_rows, device=self.device) for t in self.table_list]
         # tokens / samples not yet added to state (all-reduced at log and checkpoint steps only)
         self._pending_counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        mc = engine.module.config
+        # model FLOPs of one sequence, for the logged MFU (pretrain/throughput.py)
+        self.flops_per_seq = flops_per_sequence(non_embedding_params(engine.module), cfg.data.max_seq_len,
+                                                mc.hidden_size, mc.num_hidden_layers)
         self.state = ckpt.TrainState()
         self.stop = _StopFlag()
         self.last_checkpoint: str | None = None
@@ -285,6 +324,7 @@ class Trainer:
                      "samples": z(), "value_norm_sum": z(), "value_steps": z(), "dense_norm": z(),
                      "dense_norm_steps": z(), "skipped": z()}
         self._interval_t0 = time.perf_counter()
+        self._interval_excluded_s = 0.0  # evaluation and checkpoint time: not training throughput
         self._interval_steps = 0
         for u in self.train_usage:
             u.reset()
@@ -337,23 +377,25 @@ class Trainer:
         engine.train()
         acc = self._acc
         for micro in range(self.gas):
-            batch = self._to_device(self.train_data.next_batch())
+            # No host sync in here (GPU): counts come from shapes known on the host, the masked
+            # positions from index lists made by the collate, metrics stay device tensors until
+            # the log step (tests/test_train_step_syncs.py).
+            host_batch = self.train_data.next_batch()
+            batch = self._to_device(model_inputs(host_batch))
             labels = batch["labels"]
             out = engine(**batch)
             loss = out.loss
             with torch.no_grad():
-                masked = labels != -100  # [B, S]
-                target = labels[masked]  # [M]
-                logits = out.logits  # [M, vocab] (masked_logits_only in training) or [B, S, vocab]
-                if logits.dim() == 3:
-                    logits = logits[masked]
+                correct, n_masked = _mlm_hits(out.logits, labels, batch.get("masked_positions"))
+                positions = host_batch.get("token_positions")
+                n_tokens = positions.numel() if positions is not None else batch["attention_mask"].sum()
                 acc["loss_sum"] += loss.detach().double()
                 acc["micro"] += 1
-                acc["correct"] += (logits.argmax(-1) == target).sum()
-                acc["masked"] += target.numel()
-                acc["tokens"] += batch["attention_mask"].sum()
+                acc["correct"] += correct
+                acc["masked"] += n_masked
+                acc["tokens"] += n_tokens
                 acc["samples"] += labels.shape[0]
-                self._pending_counts[0] += batch["attention_mask"].sum()
+                self._pending_counts[0] += n_tokens
                 self._pending_counts[1] += labels.shape[0]
                 for usage, mo in zip(self.train_usage, self._last_memory_outputs(engine.module)):
                     usage.update(mo.indices, mo.weights)
@@ -439,7 +481,7 @@ class Trainer:
         s = dict(zip(keys, summed))
         local = torch.stack([acc["value_norm_sum"], acc["value_steps"], acc["dense_norm"],
                              acc["dense_norm_steps"], acc["skipped"]]).tolist()
-        elapsed = time.perf_counter() - self._interval_t0
+        elapsed = max(1e-9, time.perf_counter() - self._interval_t0 - self._interval_excluded_s)
         steps = max(1, self._interval_steps)
         self._flush_counts()
         metrics: dict[str, float] = {
@@ -455,6 +497,11 @@ class Trainer:
             "tokens_seen": float(self.state.tokens_seen),
             "skipped_steps": local[4],
         }
+        # model TFLOP/s and MFU per device (pretrain/throughput.py); the counts are over all ranks
+        rates = throughput_metrics(s["samples"] / self.world_size, s["tokens"] / self.world_size, elapsed,
+                                   self.flops_per_seq, self.cfg.train.peak_tflops)
+        metrics["model_tflops"] = rates["model_tflops"]
+        metrics["mfu"] = rates["mfu"]
         if self.fp16:
             metrics["loss_scale"] = self._loss_scale()
         for name, usage in zip(self.memory_names, self.train_usage):
@@ -506,7 +553,9 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """Every rank must agree to stop at the same step (a signal may reach ranks at different
-        times): one tiny all-reduce per step."""
+        times): one tiny all-reduce per step. One rank needs no agreement, and no host sync."""
+        if self.world_size == 1:
+            return self.stop.requested
         flag = torch.tensor([1 if self.stop.requested else 0], device=self.device)
         return bool(self._reduce(flag, op=dist.ReduceOp.MAX).item())
 
@@ -525,11 +574,13 @@ class Trainer:
                 step = self.state.step
                 if step % t.log_every == 0 or step == t.max_steps:
                     last_metrics = self._log_train()
+                t_other = time.perf_counter()
                 if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
                     self.evaluate()
                 stop = self._stop_requested()
                 if (t.ckpt_every and step % t.ckpt_every == 0) or stop or step == t.max_steps:
                     self.save()
+                self._interval_excluded_s += time.perf_counter() - t_other
                 if t.debug_kill_after_step and step == t.debug_kill_after_step:
                     # tests: die like a preempted node right after a complete checkpoint
                     self.metrics.close()
@@ -561,6 +612,21 @@ class Trainer:
         if self.rank == 0:
             torch.save({"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": out.logits.float().cpu()},
                        os.path.join(self.cfg.train.out_dir, "debug_logits.pt"))
+
+
+def _mlm_hits(logits: torch.Tensor, labels: torch.Tensor,
+              masked_positions: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+    """(correct predictions, predicted positions) of one micro-batch, without a host sync when
+    ``masked_positions`` are known or the logits cover every position. logits: [M, vocab] (only the
+    labelled positions, in row-major order) or [B, S, vocab]; labels [B, S] (-100: not predicted)."""
+    if logits.dim() == 3:
+        predicted = labels != -100  # [B, S]
+        return ((logits.argmax(-1) == labels) & predicted).sum(), predicted.sum()
+    if masked_positions is not None:
+        target = labels.reshape(-1).index_select(0, masked_positions)  # [M]
+    else:
+        target = labels[labels != -100]  # [M]; a boolean index syncs on a GPU
+    return (logits.argmax(-1) == target).sum(), target.numel()
 
 
 def _short(module_path: str) -> str:

@@ -345,6 +345,13 @@ def test_zero2_bf16_two_ranks_learns_with_sharded_values(shards, tmp_path):
                 "mlm_acc", "memory/layer1/usage"):
         assert key in train[-1], key
     assert train[0]["value_lr"] == pytest.approx(5 * train[0]["lr"])  # same warmup shape, own peak (1e-2 vs 2e-3)
+    # throughput per device, by pretrain/throughput.py's formula: N = 104,538 non-embedding parameters of
+    # this tiny model (2 layers of 33,472, the memory's query net + BatchNorm + keys 2,656, embedding
+    # LayerNorm 128, MLM head transform 4,288 and decoder bias 30,522), s = 64, d = 64, L = 2
+    flops = (6 * 104_538 + 12 * 64 * 64 * 2) * 64
+    for rec in train:
+        assert rec["model_tflops"] == pytest.approx(rec["samples_per_s"] / 2 * flops / 1e12, rel=1e-9)
+        assert rec["mfu"] == pytest.approx(rec["model_tflops"] / 790.0, rel=1e-9) and 0 < rec["mfu"] < 1
     for key in ("loss", "mlm_acc", "memory/layer1/usage", "memory/layer1/kl_uniform", "memory/layer1/gini",
                 "memory/layer1/top1_usage", "memory/layer1/stale_frac", "memory/layer1/stale_hist"):
         assert key in evals[-1], key
