@@ -210,8 +210,8 @@ def bench_kernels(args, bandwidth: float) -> list[dict]:
     sk_order = sort_lookups(sk_idx)
     sk_offsets = torch.cat([sk_order.offsets, sk_order.offsets.new_tensor([sk_idx.numel()])])
     sk_table = torch.randn(sets * n, half, device="cuda")
-    for launch in (GL(128, 16, 32, 4), GL(128, 32, 32, 4), GL(128, 16, 64, 4), GL(64, 32, 32, 2),
-                   GL(128, 8, 16, 4)):
+    for launch in (GL(128, 16, 32, 4), GL(128, 8, 32, 4), GL(128, 16, 64, 4), GL(64, 16, 32, 2),
+                   GL(128, 16, 16, 4)):
         kernels[f"sub-key grad {tuple(launch)}"] = (
             lambda launch=launch: triton_kernels.row_grouped_backward(
                 sk_table, sk_order.rows, sk_offsets, sk_order.perm, sk_w, sk_rows, False, launch),
@@ -222,7 +222,11 @@ def bench_kernels(args, bandwidth: float) -> list[dict]:
     print("| kernel | ms | GB moved | achieved TB/s | % of copy |")
     print("|---|---:|---:|---:|---:|")
     for name, (fn, nbytes) in kernels.items():
-        ms = cuda_ms(fn, args.iters)
+        try:
+            ms = cuda_ms(fn, args.iters)
+        except Exception as e:  # a launch variant the installed Triton cannot compile: report, go on
+            print(f"| {name} | failed: {type(e).__name__} | - | - | - |", flush=True)
+            continue
         row = {"kernel": name, "ms": ms, "bytes": nbytes}
         if nbytes:
             row["tbps"] = nbytes / (ms / 1e3) / 1e12
