@@ -304,11 +304,12 @@ class GroupedLaunch(NamedTuple):
 
 
 def default_grouped_launch(cols: int) -> GroupedLaunch:
-    # 16 rows x 256 columns per program, 4 warps; a row is split after 32 lookups, so hot rows and
-    # sub-keys are spread over many programs and the rows of one program have similar counts.
-    # Fastest of the launches swept on an H200 (BENCHMARKS.md, benchmarks/pkm_layer_gpu.py).
+    # 256 columns x 8 rows (value tables) or 128 x 16 (sub-keys) per program, 4 warps; a row is
+    # split after 64 lookups, so hot rows and sub-keys are spread over many programs, and the rows of
+    # one program have similar counts. The fastest launches of the sweep on an H200, the ones the
+    # layer numbers in BENCHMARKS.md were measured with (benchmarks/pkm_layer_gpu.py).
     block_d = _col_block(cols, 256)
-    return GroupedLaunch(block_d, 16, 32, 4)
+    return GroupedLaunch(block_d, 8 if block_d >= 256 else 16, 64, 4)
 
 
 def row_grouped_backward(

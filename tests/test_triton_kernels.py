@@ -273,6 +273,9 @@ def _sharded_scenario(rank: int, full: torch.Tensor, batches: list) -> dict:
     return out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU machines: the gloo ranks run the kernels through "
+                    "Triton's interpreter, which the GPU image's older Triton runs differently; on CUDA "
+                    "tests/test_triton_gpu.py covers column shards")
 def test_sharded_table_with_kernels_matches_torch_path(monkeypatch):
     from tests.test_sharded_values import run_on_ranks
 
