@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -202,7 +203,13 @@ class _ShardReader:
     def file(self, rank: int) -> dict:
         if rank not in self._open:
             path = os.path.join(self.directory, self.meta["files"][rank])
-            self._open[rank] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                self._open[rank] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except pickle.UnpicklingError as e:  # torch's restricted unpickler met a non-tensor object
+                raise ValueError(
+                    f"value shard '{path}' holds Python objects that are not tensors or plain data; it is "
+                    f"refused because unpickling it could run code ({str(e).splitlines()[0]})."
+                ) from None
         return self._open[rank]
 
     def columns(self, name: str, key: str, start: int, end: int) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from pkm.checkpoint_values import load_full_values, load_value_shards, save_value_shards
 from pkm.atomic_io import write_json_atomic
+from pretrain.safe_load import deepspeed_files_loaded_safely, load_weights_only, numpy_rng_globals
 
 __all__ = [
     "TrainState",
@@ -79,9 +80,13 @@ class TrainState:
 
 
 def capture_rng_state() -> dict[str, Any]:
+    """Python / numpy / torch (/ cuda) RNG states as tensors, ints and tuples only, so the train
+    state loads with ``torch.load(weights_only=True)`` (no pickled numpy arrays)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of ints, None)
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -89,12 +94,27 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+def _numpy_state(saved: Any) -> Any:
+    """np.random.set_state's tuple, from the tensor form (or the tuple older train states hold)."""
+    if isinstance(saved, dict):
+        keys = np.asarray(saved["keys"].numpy(), dtype=np.uint32)
+        return saved["kind"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"]
+    return saved
+
+
 def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_train_state_file(path: str) -> dict[str, Any]:
+    """One rank's train state, unpickled by torch's restricted loader (tensors and plain data; the
+    numpy array of train states written before RNG states became tensors is allowed too)."""
+    return load_weights_only(path, extra_globals=numpy_rng_globals())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +195,7 @@ def load_value_state(folder: str, tables: dict[str, Any], value_optimizer: Any, 
     load_value_shards(folder, tables, value_optimizer, strict=True, restore_hyperparams=True)
     path = os.path.join(folder, "value_scheduler.pt")
     if value_scheduler is not None and os.path.isfile(path):
-        value_scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        value_scheduler.load_state_dict(load_weights_only(path))
 
 
 def load_full_value_tables(folder: str) -> dict[str, torch.Tensor]:
@@ -284,16 +304,16 @@ def load_checkpoint(
             f"{world_size}: DeepSpeed's ZeRO optimizer state is partitioned per rank, so resume with "
             f"{meta['world_size']} ranks."
         )
-    load_path, _ = engine.load_checkpoint(
-        os.path.join(ckpt_dir, "ds"), tag=meta.get("ds_tag", DS_TAG),
-        load_optimizer_states=True, load_lr_scheduler_states=True,
-    )
+    with deepspeed_files_loaded_safely(os.path.join(ckpt_dir, "ds")):  # DeepSpeed's own loads unpickle
+        load_path, _ = engine.load_checkpoint(
+            os.path.join(ckpt_dir, "ds"), tag=meta.get("ds_tag", DS_TAG),
+            load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load the engine state from '{ckpt_dir}/ds'.")
     load_value_state(os.path.join(ckpt_dir, "values"), tables, value_optimizer, value_scheduler)
     ts_path = os.path.join(ckpt_dir, "train_state", f"rank_{rank:05d}.pt")
-    state = torch.load(ts_path, map_location="cpu", weights_only=False)
-    return TrainState.from_dict(state)
+    return TrainState.from_dict(load_train_state_file(ts_path))
 
 
 TOKENIZER_FILES = (

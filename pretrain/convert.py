@@ -25,6 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pretrain.checkpoint import DS_TAG, copy_tokenizer_files, latest_checkpoint, load_full_value_tables, read_meta  # noqa: E402
+from pretrain.safe_load import deepspeed_files_loaded_safely  # noqa: E402
 
 __all__ = ["convert_checkpoint", "load_dense_state_dict", "main"]
 
@@ -42,10 +43,12 @@ def load_dense_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        sd = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag)
+        with deepspeed_files_loaded_safely(ds_dir):  # zero_to_fp32 unpickles with weights_only=False itself
+            sd = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag)
     else:
         path = os.path.join(ds_dir, tag, "mp_rank_00_model_states.pt")
-        sd = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        with deepspeed_files_loaded_safely(path):
+            sd = torch.load(path, map_location="cpu", weights_only=True)["module"]
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 

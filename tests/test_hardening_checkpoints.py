@@ -1,0 +1,142 @@
+"""Hardening of pretraining checkpoints: untrusted files, damaged checkpoints, resume checks.
+
+One tiny single-process run (ZeRO-2, fp32, 2 steps) is made per session; each test works on a copy.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.test_pretrain import PY, REPO, RANK_ENV, make_shards, run_config
+
+_RUN: dict[str, str] = {}
+
+
+def run_main(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "pretrain/main.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **RANK_ENV})
+
+
+def write_cfg(path: str, cfg: dict) -> str:
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory) -> str:
+    return make_shards(str(tmp_path_factory.mktemp("harden_data")))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shard_dir, tmp_path_factory) -> dict[str, str]:
+    """A finished 2-step run with checkpoints at steps 1 and 2 (ZeRO-2, fp32, one process)."""
+    if not _RUN:
+        root = str(tmp_path_factory.mktemp("harden_run"))
+        out = os.path.join(root, "run")
+        data = run_config(shard_dir, out, max_steps=2, ckpt_every=1)
+        data["optim"]["warmup_steps"] = 0
+        cfg = write_cfg(os.path.join(root, "cfg.json"), data)
+        p = run_main(["--deepspeed_config", "ds_configs/tiny_zero2_fp32.json", "--config", cfg])
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        _RUN.update(out=out, cfg=cfg)
+    return _RUN
+
+
+def copy_run(run: dict[str, str], dst: str) -> str:
+    shutil.copytree(run["out"], dst)
+    return dst
+
+
+def resume(out: str, cfg: str, *extra: str) -> subprocess.CompletedProcess:
+    return run_main(["--deepspeed_config", "ds_configs/tiny_zero2_fp32.json", "--config", cfg,
+                     f"--train.out_dir={out}", "--train.max_steps=3", "--resume", *extra])
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. a pickle payload inside a checkpoint never runs
+# --------------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this calls exec, which writes the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def plant_payload(path: str, marker: str) -> None:
+    """Rewrite a real checkpoint file with the payload inside its (otherwise intact) content."""
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj["zz_payload"] = _Payload(marker)
+    torch.save(obj, path)
+
+
+_PAYLOAD_FILES = [
+    "ds/state/mp_rank_00_model_states.pt",
+    "ds/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    "train_state/rank_00000.pt",
+    "values/values_shard_00000-of-00001.pt",
+]
+
+
+@pytest.mark.parametrize("rel", _PAYLOAD_FILES)
+def test_payload_does_not_run_on_resume(tiny_run, tmp_path, rel):
+    out = copy_run(tiny_run, str(tmp_path / "run"))
+    marker = str(tmp_path / "pwned")
+    plant_payload(os.path.join(out, "checkpoints", "step_00000002", rel), marker)
+    p = resume(out, tiny_run["cfg"])
+    assert not os.path.exists(marker), "the pickle payload ran"
+    assert p.returncode != 0
+    assert "refused" in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("rel", ["ds/state/mp_rank_00_model_states.pt",
+                                 "ds/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_payload_does_not_run_on_convert(tiny_run, tmp_path, rel):
+    out = copy_run(tiny_run, str(tmp_path / "run"))
+    marker = str(tmp_path / "pwned")
+    plant_payload(os.path.join(out, "checkpoints", "step_00000002", rel), marker)
+    p = subprocess.run([PY, "-m", "pretrain.convert", out, str(tmp_path / "hf")], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert not os.path.exists(marker), "the pickle payload ran"
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "refused because unpickling it could run code" in p.stderr
+
+
+def test_clean_checkpoint_converts_and_train_state_is_plain_data(tiny_run, tmp_path):
+    from pretrain.convert import convert_checkpoint
+
+    ckpt = os.path.join(tiny_run["out"], "checkpoints", "step_00000002")
+    state = torch.load(os.path.join(ckpt, "train_state", "rank_00000.pt"), weights_only=True)  # no numpy inside
+    assert state["step"] == 2 and isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
+    torch.load(os.path.join(ckpt, "values", "value_scheduler.pt"), weights_only=True)
+    assert os.path.isfile(os.path.join(convert_checkpoint(tiny_run["out"], str(tmp_path / "hf")), "model.safetensors"))
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from pretrain.checkpoint import capture_rng_state, load_train_state_file, restore_rng_state
+
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    np.random.standard_normal()  # a cached gaussian in the numpy state
+    path = str(tmp_path / "rng.pt")
+    torch.save({"rng": capture_rng_state()}, path)
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    restore_rng_state(load_train_state_file(path)["rng"])
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
