@@ -111,6 +111,7 @@ class TrainConfig:
     out_dir: str = "runs/pretrain"
     resume: bool = False  # continue from the latest complete checkpoint in out_dir
     stale_window_steps: int = 100  # a slot is stale if not updated in this many steps
+    max_skipped_steps: int = 20  # stop (error) after this many consecutive non-finite, skipped steps; 0: never
     tensorboard: bool = True
     deterministic: bool = False  # torch deterministic algorithms (GPU: bitwise-reproducible resume, slower)
     debug_kill_after_step: int = 0  # tests: SIGKILL every rank right after this step's checkpoint
@@ -129,7 +130,7 @@ class RunConfig:
         o, t, d = self.optim, self.train, self.data
         if t.max_steps <= 0:
             raise ValueError(f"train.max_steps must be positive, got {t.max_steps}.")
-        for name in ("log_every", "eval_every", "ckpt_every", "debug_kill_after_step"):
+        for name in ("log_every", "eval_every", "ckpt_every", "debug_kill_after_step", "max_skipped_steps"):
             if getattr(t, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(t, name)}.")
         if t.log_every == 0:

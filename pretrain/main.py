@@ -453,10 +453,15 @@ def main(argv: list[str] | None = None) -> int:
     _single_process_env()
     import torch.distributed as dist
 
+    from pretrain.trainer import TrainingDiverged
+
     try:
         run(prep)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # gloo can abort a rank whose peer tears the group down under it
+    except TrainingDiverged as e:  # every rank raises it at the same step (the streak is all-reduced)
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
