@@ -9,7 +9,8 @@ Layout under ``<out_dir>/checkpoints/``::
         run_config.json             the resolved run config
         ds_config.json              the DeepSpeed config the engine ran with
         model/config.json           BertPkmConfig (+ tokenizer files when known), for convert
-        meta.json                   step, world size, ZeRO stage, value-shard layout
+        meta.json                   format version, step, world size, ZeRO stage, value-shard layout,
+                                    and the size of every other file (checked before a resume)
     latest                          "step_00000100": the newest complete checkpoint
     step_00000090/ ...              older ones, the last ``keep_last_k`` kept
 
@@ -17,8 +18,9 @@ Writing: rank 0 creates ``step_N.tmp/``; every rank writes its parts; after a ba
 ``meta.json``, renames the folder to ``step_N`` (atomic on one file system) and only then replaces
 ``latest`` (written to a temp file and ``os.replace``d). A crash at any point leaves either the old
 ``latest`` or the new one pointing at a complete folder; leftover ``*.tmp`` folders are ignored and
-cleaned by the next save. The folder must be on a file system every rank sees (as DeepSpeed's own
-checkpointing assumes).
+cleaned by the next save. A folder damaged later (a file missing or of another size than meta.json
+records) is skipped by ``latest_checkpoint``, which falls back to the newest intact one. The folder
+must be on a file system every rank sees (as DeepSpeed's own checkpointing assumes).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,6 +47,9 @@ __all__ = [
     "restore_rng_state",
     "checkpoint_root",
     "latest_checkpoint",
+    "checkpoint_problems",
+    "read_meta",
+    "CKPT_FORMAT_VERSION",
     "list_checkpoints",
     "step_dir_name",
     "save_checkpoint",
@@ -56,6 +61,8 @@ __all__ = [
 ]
 
 DS_TAG = "state"  # DeepSpeed's tag inside <ckpt>/ds/
+# meta.json format: 1 = no version key, no file list; 2 = "files": {relative path: size in bytes}
+CKPT_FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -143,32 +150,70 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def latest_checkpoint(path: str) -> str | None:
-    """The newest complete checkpoint folder.
+def latest_checkpoint(path: str, warn: Callable[[str], None] | None = None) -> str | None:
+    """The newest intact checkpoint folder.
 
-    ``path`` may be a run's out_dir, its ``checkpoints/`` folder, or a checkpoint folder itself.
-    ``latest`` is trusted when it names a complete folder; otherwise the highest complete step is
-    taken (``latest`` could only lag behind the folders, never lead them).
+    ``path`` may be a run's out_dir, its ``checkpoints/`` folder, or a checkpoint folder itself
+    (returned as it is: ``checkpoint_problems`` tells whether it is intact). Folders whose files do
+    not match their meta.json (a damaged disk, a copy cut short) are skipped, each reported through
+    ``warn``, so a run resumes from the newest checkpoint it can really load. (``latest`` is written
+    for people and tools; it can only lag behind the folders, never lead them, so the highest intact
+    step is the answer.)
     """
     if os.path.isfile(os.path.join(path, "meta.json")):
         return path
     root = checkpoint_root(path) if os.path.isdir(checkpoint_root(path)) else path
-    latest_file = os.path.join(root, "latest")
-    if os.path.isfile(latest_file):
-        with open(latest_file, encoding="utf-8") as f:
-            name = f.read().strip()
-        cand = os.path.join(root, name)
-        if os.path.isfile(os.path.join(cand, "meta.json")):
-            done = list_checkpoints(root)
-            if not done or done[-1][1] == cand:
-                return cand
-    done = list_checkpoints(root)
-    return done[-1][1] if done else None
+    for _, cand in reversed(list_checkpoints(root)):
+        problems = checkpoint_problems(cand)
+        if not problems:
+            return cand
+        if warn is not None:
+            warn(f"checkpoint '{cand}' is damaged ({'; '.join(problems[:3])}): skipping it, using an older one.")
+    return None
 
 
 def read_meta(ckpt_dir: str) -> dict[str, Any]:
-    with open(os.path.join(ckpt_dir, "meta.json"), encoding="utf-8") as f:
-        return json.load(f)
+    path = os.path.join(ckpt_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint meta '{path}' cannot be read ({e}).") from None
+    version = meta.get("format_version", 1)  # version 1 (no file list) had no version key
+    if version > CKPT_FORMAT_VERSION:
+        raise ValueError(f"checkpoint '{ckpt_dir}' has format version {version}; this code reads versions up to "
+                         f"{CKPT_FORMAT_VERSION}: update pkm-bert.")
+    return meta
+
+
+def _file_sizes(folder: str) -> dict[str, int]:
+    """{relative path: size in bytes} of every file under folder except meta.json."""
+    sizes = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, folder).replace(os.sep, "/")
+            if rel != "meta.json":
+                sizes[rel] = os.path.getsize(full)
+    return dict(sorted(sizes.items()))
+
+
+def checkpoint_problems(ckpt_dir: str) -> list[str]:
+    """What is wrong with a checkpoint folder (empty: intact): an unreadable meta.json, or a file of
+    its recorded list that is missing or has another size. Cheap (one stat per file). Checkpoints
+    of format version 1 carry no file list: only their meta.json is checked."""
+    try:
+        meta = read_meta(ckpt_dir)
+    except ValueError as e:
+        return [str(e)]
+    problems = []
+    for rel, size in meta.get("files", {}).items():
+        full = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(full):
+            problems.append(f"{rel} is missing")
+        elif os.path.getsize(full) != size:
+            problems.append(f"{rel} has {os.path.getsize(full)} bytes, {size} were written")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,12 +310,14 @@ def save_checkpoint(
 
     if rank == 0:
         meta = {
+            "format_version": CKPT_FORMAT_VERSION,
             "step": step,
             "world_size": world_size,
             "zero_stage": int(engine.zero_optimization_stage()),
             "ds_tag": DS_TAG,
             "tokens_seen": train_state.tokens_seen,
             "value_tables": {n: {"num_rows": int(t.num_rows), "dim": int(t.dim)} for n, t in tables.items()},
+            "files": _file_sizes(tmp),  # every rank's files are in place (barrier above)
         }
         write_json_atomic(os.path.join(tmp, "meta.json"), meta)
         os.replace(tmp, final)
@@ -280,10 +327,18 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         os.replace(latest_tmp, os.path.join(root, "latest"))
-        for _, old in list_checkpoints(root)[:-keep_last_k]:
+        for old in _rotated_out(root, step, keep_last_k):
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _rotated_out(root: str, step: int, keep_last_k: int) -> list[str]:
+    """Checkpoints older than the ``keep_last_k`` newest up to ``step``. Folders of later steps
+    (left by a run that was resumed from an earlier checkpoint because they were damaged) never
+    count, so the checkpoint just written is never among those removed."""
+    upto = [path for s, path in list_checkpoints(root) if s <= step]
+    return upto[:-keep_last_k]
 
 
 def load_checkpoint(

@@ -109,7 +109,8 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: checkpoint only at the end (and on SIGTERM/SIGINT)
     keep_last_k: int = 3
     out_dir: str = "runs/pretrain"
-    resume: bool = False  # continue from the latest complete checkpoint in out_dir
+    resume: bool = False  # continue from the newest intact checkpoint in out_dir
+    resume_from: str | None = None  # continue from this checkpoint folder (checkpoints/step_N); implies resume
     stale_window_steps: int = 100  # a slot is stale if not updated in this many steps
     max_skipped_steps: int = 20  # stop (error) after this many consecutive non-finite, skipped steps; 0: never
     tensorboard: bool = True

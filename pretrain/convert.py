@@ -24,7 +24,14 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pretrain.checkpoint import DS_TAG, copy_tokenizer_files, latest_checkpoint, load_full_value_tables, read_meta  # noqa: E402
+from pretrain.checkpoint import (  # noqa: E402
+    DS_TAG,
+    checkpoint_problems,
+    copy_tokenizer_files,
+    latest_checkpoint,
+    load_full_value_tables,
+    read_meta,
+)
 from pretrain.safe_load import deepspeed_files_loaded_safely  # noqa: E402
 
 __all__ = ["convert_checkpoint", "load_dense_state_dict", "main"]
@@ -61,9 +68,13 @@ def convert_checkpoint(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
     if not os.path.exists(ckpt):
         raise ValueError(f"checkpoint path '{ckpt}' does not exist.")
-    ckpt_dir = latest_checkpoint(ckpt)
+    ckpt_dir = latest_checkpoint(ckpt, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
     if ckpt_dir is None:
         raise ValueError(f"'{ckpt}' holds no complete checkpoint (a folder with meta.json).")
+    problems = checkpoint_problems(ckpt_dir)
+    if problems:
+        raise ValueError(f"checkpoint '{ckpt_dir}' is damaged: {'; '.join(problems[:5])}. Convert an older one "
+                         "(checkpoints/step_N) or the run folder (its newest intact checkpoint is taken).")
     model_dir = os.path.join(ckpt_dir, "model")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"checkpoint '{ckpt_dir}' has no model/config.json: it was not written by pretrain.")

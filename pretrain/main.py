@@ -250,6 +250,54 @@ def _model_config(cfg: RunConfig, vocab_size: int | None, max_seq_len: int, worl
     return mc
 
 
+def _checkpoint_to_resume(t: Any, world_size: int, rank: int) -> str | None:
+    """The checkpoint folder this run continues from (None: a new run), checked to be intact and
+    written by as many ranks. ``train.resume_from`` names one; ``train.resume`` takes the newest
+    intact one in out_dir, skipping damaged ones with a warning."""
+    from pretrain.checkpoint import (checkpoint_problems, checkpoint_root, latest_checkpoint, list_checkpoints,
+                                     read_meta)
+
+    root = checkpoint_root(t.out_dir)
+    found = list_checkpoints(root)
+    if t.resume_from:
+        chosen = t.resume_from
+        if not os.path.isfile(os.path.join(chosen, "meta.json")):
+            raise ValueError(f"train.resume_from '{chosen}' is not a checkpoint folder (a checkpoints/step_N folder "
+                             "with meta.json): fix the path.")
+        problems = checkpoint_problems(chosen)
+        if problems:
+            raise ValueError(f"train.resume_from '{chosen}' is damaged ({'; '.join(problems[:3])}): choose another "
+                             f"checkpoints/step_N folder.")
+        step = read_meta(chosen)["step"]
+        newer = [p for s, p in found if s > step and os.path.realpath(p) != os.path.realpath(chosen)
+                 and not checkpoint_problems(p)]
+        if newer:
+            raise ValueError(f"train.resume_from '{chosen}' is at step {step} but '{root}' holds the newer "
+                             f"checkpoint(s) {', '.join(os.path.basename(p) for p in newer)}, which the resumed run "
+                             "would be mixed up with: move them out of that folder, or set train.out_dir to a new folder.")
+    elif not t.resume:
+        if found:
+            raise ValueError(f"train.out_dir '{t.out_dir}' already holds checkpoints (latest: {found[-1][1]}): pass "
+                             "--resume to continue that run, or choose another train.out_dir.")
+        return None
+    else:
+        warn = (lambda msg: print(f"warning: {msg}", file=sys.stderr)) if rank == 0 else None
+        chosen = latest_checkpoint(t.out_dir, warn=warn) if os.path.isdir(t.out_dir) else None
+        if chosen is None and found:
+            raise ValueError(f"train.resume is set but all {len(found)} checkpoint(s) in '{root}' are damaged (see the "
+                             "warnings): start a new run in another train.out_dir.")
+        if chosen is None:
+            raise ValueError(f"train.resume is set but '{root}' holds no complete checkpoint: "
+                             "drop --resume to start a new run, or fix train.out_dir.")
+    saved_world = read_meta(chosen).get("world_size")
+    if saved_world != world_size:
+        raise ValueError(
+            f"the checkpoint to resume ({chosen}) was written by {saved_world} ranks but this run has "
+            f"{world_size}: DeepSpeed's ZeRO optimizer state is partitioned per rank, so resume with "
+            f"{saved_world} ranks (the value shards alone could be re-cut, the dense optimizer state cannot).")
+    return chosen
+
+
 def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: list[tuple[str, Any]],
                 ds_overrides: list[tuple[str, Any]] | None = None, world_size: int | None = None,
                 on_gpu: bool | None = None) -> PreparedRun:
@@ -309,26 +357,8 @@ def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: lis
     model_config = _model_config(cfg, vocab_size, d.max_seq_len, world_size)
 
     # -- output folder / resume
-    from pretrain.checkpoint import checkpoint_root, latest_checkpoint
-
     t = cfg.train
-    existing = latest_checkpoint(t.out_dir) if os.path.isdir(t.out_dir) else None
-    resume_from = None
-    if t.resume:
-        if existing is None:
-            raise ValueError(f"train.resume is set but '{checkpoint_root(t.out_dir)}' holds no complete checkpoint: "
-                             "drop --resume to start a new run, or fix train.out_dir.")
-        resume_from = existing
-        with open(os.path.join(existing, "meta.json"), encoding="utf-8") as f:
-            saved_world = json.load(f).get("world_size")
-        if saved_world != world_size:
-            raise ValueError(
-                f"the checkpoint to resume ({existing}) was written by {saved_world} ranks but this run has "
-                f"{world_size}: DeepSpeed's ZeRO optimizer state is partitioned per rank, so resume with "
-                f"{saved_world} ranks (the value shards alone could be re-cut, the dense optimizer state cannot).")
-    elif existing is not None:
-        raise ValueError(f"train.out_dir '{t.out_dir}' already holds checkpoints (latest: {existing}): pass "
-                         "--resume to continue that run, or choose another train.out_dir.")
+    resume_from = _checkpoint_to_resume(t, world_size, rank)
     if t.debug_kill_after_step and t.ckpt_every and t.debug_kill_after_step % t.ckpt_every:
         raise ValueError("train.debug_kill_after_step must be a multiple of train.ckpt_every (the kill follows a checkpoint).")
     return PreparedRun(cfg, ds, model_config, tok_dir, world_size, rank, local_rank, resume_from)

@@ -140,3 +140,85 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     restore_rng_state(load_train_state_file(path)["rng"])
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. a damaged latest checkpoint: detected from the meta's file list, skipped, or chosen by hand
+# --------------------------------------------------------------------------------------------------
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_meta_records_a_format_version_and_every_file_size(tiny_run):
+    from pretrain.checkpoint import CKPT_FORMAT_VERSION, checkpoint_problems, read_meta
+
+    ckpt = os.path.join(tiny_run["out"], "checkpoints", "step_00000002")
+    meta = read_meta(ckpt)
+    assert meta["format_version"] == CKPT_FORMAT_VERSION == 2
+    assert meta["files"]["train_state/rank_00000.pt"] == os.path.getsize(os.path.join(ckpt, "train_state", "rank_00000.pt"))
+    assert "ds/state/zero_pp_rank_0_mp_rank_00_optim_states.pt" in meta["files"] and "meta.json" not in meta["files"]
+    assert checkpoint_problems(ckpt) == []
+
+
+def test_damaged_checkpoints_are_skipped_with_a_warning(tiny_run, tmp_path):
+    from pretrain.checkpoint import checkpoint_problems, latest_checkpoint
+
+    out = copy_run(tiny_run, str(tmp_path / "run"))
+    step1, step2 = (os.path.join(out, "checkpoints", f"step_0000000{i}") for i in (1, 2))
+    _truncate(os.path.join(step2, "values", "values_shard_00000-of-00001.pt"))
+    warnings: list[str] = []
+    assert latest_checkpoint(out, warn=warnings.append) == step1
+    assert "step_00000002' is damaged (values/values_shard_00000-of-00001.pt has" in warnings[0]
+    os.remove(os.path.join(step1, "train_state", "rank_00000.pt"))
+    assert checkpoint_problems(step1) == ["train_state/rank_00000.pt is missing"]
+    assert latest_checkpoint(out) is None
+    with open(os.path.join(step2, "meta.json"), "w") as f:
+        f.write('{"step": 2, "wor')  # cut short
+    assert "cannot be read" in checkpoint_problems(step2)[0]
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_run, tmp_path):
+    from pretrain.checkpoint import checkpoint_problems
+
+    out = copy_run(tiny_run, str(tmp_path / "run"))
+    _truncate(os.path.join(out, "checkpoints", "step_00000002", "ds", "state",
+                           "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    p = resume(out, tiny_run["cfg"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "step_00000002' is damaged (ds/state/zero_pp_rank_0_mp_rank_00_optim_states.pt has" in p.stderr
+    assert "resumed from" in p.stdout + p.stderr and "step_00000001 at step 1" in p.stdout + p.stderr
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        assert f.read().strip() == "step_00000003"
+    assert checkpoint_problems(os.path.join(out, "checkpoints", "step_00000002")) == []  # written again
+
+
+def test_resume_from_a_chosen_checkpoint_is_checked_before_the_run(tiny_run, shard_dir, tmp_path):
+    from tests.test_pretrain import _prep
+
+    out = copy_run(tiny_run, str(tmp_path / "run"))
+    step1, step2 = (os.path.join(out, "checkpoints", f"step_0000000{i}") for i in (1, 2))
+    with pytest.raises(ValueError, match="holds the newer checkpoint\\(s\\) step_00000002"):
+        _prep(shard_dir, out, f"--train.resume_from={step1}")
+    assert _prep(shard_dir, out, f"--train.resume_from={step2}").resume_from == step2
+    assert _prep(shard_dir, str(tmp_path / "fresh"), f"--train.resume_from={step1}").resume_from == step1
+    _truncate(os.path.join(step2, "train_state", "rank_00000.pt"))
+    assert _prep(shard_dir, out, f"--train.resume_from={step1}").resume_from == step1  # the newer one is damaged
+    with pytest.raises(ValueError, match="resume_from '.*step_00000002' is damaged"):
+        _prep(shard_dir, out, f"--train.resume_from={step2}")
+    with pytest.raises(ValueError, match="is not a checkpoint folder"):
+        _prep(shard_dir, out, f"--train.resume_from={tmp_path}")
+
+
+def test_rotation_never_removes_the_checkpoint_just_written(tmp_path):
+    from pretrain.checkpoint import _rotated_out
+
+    root = str(tmp_path)
+    for step in (4, 5, 9):
+        os.makedirs(os.path.join(root, f"step_{step:08d}"))
+        open(os.path.join(root, f"step_{step:08d}", "meta.json"), "w").close()
+    # a run resumed from step 4 (9 was damaged) just wrote step 5
+    assert _rotated_out(root, 5, 1) == [os.path.join(root, "step_00000004")]
+    assert _rotated_out(root, 9, 2) == [os.path.join(root, "step_00000004")]
