@@ -74,6 +74,7 @@ class DataConfig:
     mlm_probability: float = 0.15
     whole_word_masking: bool = False
     num_workers: int = 0  # DataLoader workers per rank (masking is seeded per sample: any number is exact)
+    verify_checksums: bool = False  # check every shard's SHA-256 against manifest.json before training (once per file version)
 
 
 @dataclass

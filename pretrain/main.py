@@ -250,6 +250,16 @@ def _model_config(cfg: RunConfig, vocab_size: int | None, max_seq_len: int, worl
     return mc
 
 
+def _check_shards(cfg: RunConfig, tokenizer_vocab: int | None, model_vocab: int) -> None:
+    """Shard headers, sizes and token ids (and checksums with data.verify_checksums), before the
+    model is built: a corrupt shard would otherwise fail mid-run, after DeepSpeed started."""
+    from pretrain.data import check_shards
+
+    d = cfg.data
+    limit = model_vocab if tokenizer_vocab is None else min(tokenizer_vocab, model_vocab)
+    check_shards(d.shard_dir, [d.train_split, d.val_split], limit, verify_checksums=d.verify_checksums)
+
+
 def _checkpoint_to_resume(t: Any, world_size: int, rank: int) -> str | None:
     """The checkpoint folder this run continues from (None: a new run), checked to be intact and
     written by as many ranks. ``train.resume_from`` names one; ``train.resume`` takes the newest
@@ -355,6 +365,7 @@ def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: lis
         if tok_dir is None:
             tok_dir = cfg.model.init_from
     model_config = _model_config(cfg, vocab_size, d.max_seq_len, world_size)
+    _check_shards(cfg, vocab_size, model_config.vocab_size)
 
     # -- output folder / resume
     t = cfg.train

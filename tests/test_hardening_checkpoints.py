@@ -76,11 +76,18 @@ class _Payload:
         return builtins.exec, (f"open({self.marker!r}, 'w').close()",)
 
 
-def plant_payload(path: str, marker: str) -> None:
-    """Rewrite a real checkpoint file with the payload inside its (otherwise intact) content."""
+def plant_payload(ckpt: str, rel: str, marker: str) -> None:
+    """Rewrite a real checkpoint file with the payload inside its (otherwise intact) content, and
+    its size in meta.json, as an attacker would (the size check is no defence)."""
+    path = os.path.join(ckpt, rel)
     obj = torch.load(path, map_location="cpu", weights_only=False)
     obj["zz_payload"] = _Payload(marker)
     torch.save(obj, path)
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    meta["files"][rel] = os.path.getsize(path)
+    with open(os.path.join(ckpt, "meta.json"), "w") as f:
+        json.dump(meta, f)
 
 
 _PAYLOAD_FILES = [
@@ -95,7 +102,7 @@ _PAYLOAD_FILES = [
 def test_payload_does_not_run_on_resume(tiny_run, tmp_path, rel):
     out = copy_run(tiny_run, str(tmp_path / "run"))
     marker = str(tmp_path / "pwned")
-    plant_payload(os.path.join(out, "checkpoints", "step_00000002", rel), marker)
+    plant_payload(os.path.join(out, "checkpoints", "step_00000002"), rel, marker)
     p = resume(out, tiny_run["cfg"])
     assert not os.path.exists(marker), "the pickle payload ran"
     assert p.returncode != 0
@@ -107,7 +114,7 @@ def test_payload_does_not_run_on_resume(tiny_run, tmp_path, rel):
 def test_payload_does_not_run_on_convert(tiny_run, tmp_path, rel):
     out = copy_run(tiny_run, str(tmp_path / "run"))
     marker = str(tmp_path / "pwned")
-    plant_payload(os.path.join(out, "checkpoints", "step_00000002", rel), marker)
+    plant_payload(os.path.join(out, "checkpoints", "step_00000002"), rel, marker)
     p = subprocess.run([PY, "-m", "pretrain.convert", out, str(tmp_path / "hf")], cwd=REPO, capture_output=True,
                        text=True, timeout=300)
     assert not os.path.exists(marker), "the pickle payload ran"
@@ -222,3 +229,69 @@ def test_rotation_never_removes_the_checkpoint_just_written(tmp_path):
     # a run resumed from step 4 (9 was damaged) just wrote step 5
     assert _rotated_out(root, 5, 1) == [os.path.join(root, "step_00000004")]
     assert _rotated_out(root, 9, 2) == [os.path.join(root, "step_00000004")]
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. damaged shards are reported before any model is built
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shard_copy(shard_dir, tmp_path) -> str:
+    return shutil.copytree(shard_dir, str(tmp_path / "shards"))
+
+
+def _prep_shards(shards: str, tmp_path, *extra: str):
+    from tests.test_pretrain import _prep
+
+    return _prep(shards, str(tmp_path / "run"), *extra)
+
+
+def _first_shard(shards: str, split: str = "train") -> str:
+    with open(os.path.join(shards, "manifest.json")) as f:
+        return os.path.join(shards, json.load(f)["splits"][split]["shards"][0]["bin"])
+
+
+def test_truncated_bin_is_reported_before_the_run(shard_copy, tmp_path):
+    _truncate(_first_shard(shard_copy))
+    with pytest.raises(ValueError, match="train_00000.bin is truncated"):
+        _prep_shards(shard_copy, tmp_path)
+
+
+def test_flipped_idx_header_is_reported_before_the_run(shard_copy, tmp_path):
+    idx = _first_shard(shard_copy, "validation")[:-4] + ".idx"
+    with open(idx, "r+b") as f:
+        f.write(b"X")  # first byte of the magic number
+    with pytest.raises(ValueError, match="validation_00000.idx is not a PKM shard index"):
+        _prep_shards(shard_copy, tmp_path)
+
+
+def test_out_of_vocabulary_tokens_are_reported_before_the_run(shard_copy, tmp_path):
+    _prep_shards(shard_copy, tmp_path)  # a first check fills the cache ...
+    assert os.path.isfile(os.path.join(shard_copy, "shards_verified.json"))
+    path = _first_shard(shard_copy)
+    with open(path, "r+b") as f:  # ... which a changed file does not fool
+        f.seek(32 + 2 * 10)
+        f.write(b"\xff\xff")
+    with pytest.raises(ValueError, match="train_00000.bin holds token id 65535, but the vocabulary has 30522 ids"):
+        _prep_shards(shard_copy, tmp_path)
+
+
+def test_edited_checksum_is_reported_with_verify_checksums(shard_copy, tmp_path):
+    path = os.path.join(shard_copy, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["splits"]["train"]["shards"][0]["sha256_bin"] = "0" * 64
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    _prep_shards(shard_copy, tmp_path)  # not asked for: sizes and ids are fine
+    with pytest.raises(ValueError, match="train_00000.bin fails its manifest.json checksum"):
+        _prep_shards(shard_copy, tmp_path, "--data.verify_checksums=true")
+
+
+def test_cli_reports_a_bad_shard_before_deepspeed_starts(shard_copy, tmp_path):
+    _truncate(_first_shard(shard_copy, "validation"))
+    p = run_main(["--deepspeed_config", "ds_configs/tiny_zero2_fp32.json", "--model.preset=tiny",
+                  f"--data.shard_dir={shard_copy}", f"--train.out_dir={tmp_path}/r"], timeout=120)
+    assert p.returncode == 2 and "validation_00000.bin is truncated" in p.stderr
+    assert "DeepSpeed" not in p.stdout and not os.path.exists(tmp_path / "r")
