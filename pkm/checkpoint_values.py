@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pkm.atomic_io import write_json_atomic
+from pkm.atomic_io import honour_umask, write_json_atomic
 import torch.distributed as dist
 
 from pkm.sharded_values import ShardedValueTable, column_bounds
@@ -75,6 +75,7 @@ class FullValues:
 def _atomic_torch_save(obj: object, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
     try:
+        honour_umask(fd)  # mkstemp's 0600 would lock other users out of the checkpoint
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
