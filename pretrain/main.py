@@ -116,6 +116,49 @@ def _offload_device(ds: dict[str, Any]) -> str | None:
     return dev if dev not in (None, "none") else None
 
 
+# Every top-level key DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the monitor, comms,
+# profiler, activation-checkpointing, autotuning and data-efficiency configs it builds); DeepSpeed
+# ignores any other key silently, so a typo such as "zero_optimisation" would train without ZeRO.
+_DS_TOP_LEVEL_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "managed_gradient_accumulation", "steps_per_print", "dump_state", "disable_python_gc", "disable_allgather",
+    "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "gradient_allreduce_op", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "tensorboard", "wandb", "csv_monitor", "comet", "gradient_clipping", "fp16",
+    "bf16", "bfloat16", "torch_autocast", "optimizer", "scheduler", "wall_clock_breakdown", "memory_breakdown",
+    "flops_profiler", "activation_checkpointing", "comms_logger", "autotuning", "checkpoint", "datastates_ckpt",
+    "data_types", "aio", "pipeline", "hybrid_engine", "data_efficiency", "dataloader_drop_last", "log_level",
+    "weight_quantization", "timers", "tensor_parallel", "expert_parallel", "use_data_before_expert_parallelism",
+    "vocabulary_size", "compile",
+})
+
+
+def _check_ds_keys(ds: dict[str, Any], ds_name: str) -> None:
+    """Unknown top-level keys (an allow-list) and the ZeRO / fp16 / bf16 sections (DeepSpeed's own
+    pydantic models, which forbid unknown fields) are errors here, before DeepSpeed starts."""
+    import difflib
+
+    for key in ds:
+        if key not in _DS_TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(key, sorted(_DS_TOP_LEVEL_KEYS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"{ds_name} has unknown key '{key}'{hint}: DeepSpeed would ignore it silently; "
+                             "fix or remove it.")
+    from pydantic import ValidationError
+
+    from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    for section, parse in (("zero_optimization", get_zero_config), ("fp16", get_float16_config),
+                           ("bf16", get_bfloat16_config)):
+        try:
+            parse(ds)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            raise ValueError(f"{ds_name}: '{section}.{where}': {err.get('msg')}: fix or remove it.") from None
+
+
 def resolve_ds_config(cfg: RunConfig, ds_raw: dict[str, Any], world_size: int, on_gpu: bool,
                       ds_name: str = "the DeepSpeed config") -> dict[str, Any]:
     """The DeepSpeed dict the engine gets: the user's engine settings, checked, plus the optimizer
@@ -127,6 +170,7 @@ def resolve_ds_config(cfg: RunConfig, ds_raw: dict[str, Any], world_size: int, o
                 f"{ds_name} sets '{key}', which belongs to the run config ({home}) so that the dense and "
                 f"the value-table schedules come from one place: remove '{key}' from {ds_name}."
             )
+    _check_ds_keys(ds, ds_name)
     # -- batch sizes: train_batch_size = micro x accumulation x world
     micro = ds.get("train_micro_batch_size_per_gpu")
     gas = ds.get("gradient_accumulation_steps")
@@ -260,6 +304,56 @@ def _check_shards(cfg: RunConfig, tokenizer_vocab: int | None, model_vocab: int)
     check_shards(d.shard_dir, [d.train_split, d.val_split], limit, verify_checksums=d.verify_checksums)
 
 
+def _check_init_weights(init_from: str) -> None:
+    """An init_from folder needs weights beside its config.json (found now, not after DeepSpeed starts)."""
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    found = [n for n in names if os.path.isfile(os.path.join(init_from, n))]
+    if not found:
+        raise ValueError(f"model.init_from '{init_from}' has a config.json but no weights ({', '.join(names)}): "
+                         "put the model's weights there, or drop init_from to train from scratch.")
+    if found[0].endswith(".index.json"):
+        with open(os.path.join(init_from, found[0]), encoding="utf-8") as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        missing = [n for n in shards if not os.path.isfile(os.path.join(init_from, n))]
+        if missing or not shards:
+            raise ValueError(f"model.init_from '{init_from}': {found[0]} lists weight files that are missing "
+                             f"({', '.join(missing[:3]) or 'none listed'}): copy the complete model folder.")
+
+
+# BertPkmConfig keys that describe the saving library, not the model
+_CONFIG_KEYS_NOT_COMPARED = {"transformers_version", "architectures", "torch_dtype", "dtype", "name_or_path"}
+
+
+def _check_resume_matches(ckpt_dir: str, cfg: RunConfig, model_config: Any) -> None:
+    """The checkpoint must continue this very model on this very data: compare its model config and
+    its data position (sample count and seed) with the run's, before DeepSpeed starts and before
+    the run folder's run_config.json is rewritten."""
+    from pkm.configuration import BertPkmConfig
+    from pretrain.checkpoint import load_train_state_file
+    from pretrain.data import MLMDataset
+
+    model_dir = os.path.join(ckpt_dir, "model")
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        saved = BertPkmConfig.from_pretrained(model_dir).to_dict()
+        now = model_config.to_dict()
+        differ = [k for k in sorted(set(saved) | set(now)) if not k.startswith("_")
+                  and k not in _CONFIG_KEYS_NOT_COMPARED and saved.get(k) != now.get(k)]
+        if differ:
+            shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in differ[:4])
+            raise ValueError(f"the checkpoint to resume ({ckpt_dir}) holds another model ({shown}): resume with the "
+                             "run's model settings (its run_config.json), or start a new run in another train.out_dir.")
+    sampler = load_train_state_file(os.path.join(ckpt_dir, "train_state", "rank_00000.pt")).get("sampler", {})
+    d = cfg.data
+    num_samples = len(MLMDataset(d.shard_dir, split=d.train_split, max_seq_len=d.max_seq_len, packing=d.packing,
+                                 mask_prob=d.mlm_probability, whole_word_masking=d.whole_word_masking,
+                                 seed=cfg.train.seed))
+    if sampler and (sampler.get("num_samples") != num_samples or sampler.get("seed") != cfg.train.seed):
+        raise ValueError(
+            f"the checkpoint to resume ({ckpt_dir}) was trained on other data or with another seed "
+            f"({sampler.get('num_samples')} samples, seed {sampler.get('seed')}; now {num_samples}, {cfg.train.seed}): "
+            "resume with the same data.shard_dir, data.max_seq_len, data.packing and train.seed.")
+
+
 def _checkpoint_to_resume(t: Any, world_size: int, rank: int) -> str | None:
     """The checkpoint folder this run continues from (None: a new run), checked to be intact and
     written by as many ranks. ``train.resume_from`` names one; ``train.resume`` takes the newest
@@ -362,6 +456,7 @@ def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: lis
         if not os.path.isdir(cfg.model.init_from) or not os.path.isfile(os.path.join(cfg.model.init_from, "config.json")):
             raise ValueError(f"model.init_from '{cfg.model.init_from}' is not a Hugging Face model folder "
                              "(config.json + weights): fix the path or drop init_from to train from scratch.")
+        _check_init_weights(cfg.model.init_from)
         if tok_dir is None:
             tok_dir = cfg.model.init_from
     model_config = _model_config(cfg, vocab_size, d.max_seq_len, world_size)
@@ -370,6 +465,8 @@ def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: lis
     # -- output folder / resume
     t = cfg.train
     resume_from = _checkpoint_to_resume(t, world_size, rank)
+    if resume_from:
+        _check_resume_matches(resume_from, cfg, model_config)
     if t.debug_kill_after_step and t.ckpt_every and t.debug_kill_after_step % t.ckpt_every:
         raise ValueError("train.debug_kill_after_step must be a multiple of train.ckpt_every (the kill follows a checkpoint).")
     return PreparedRun(cfg, ds, model_config, tok_dir, world_size, rank, local_rank, resume_from)

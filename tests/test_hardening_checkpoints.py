@@ -202,9 +202,14 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_run, tmp_path):
     assert checkpoint_problems(os.path.join(out, "checkpoints", "step_00000002")) == []  # written again
 
 
-def test_resume_from_a_chosen_checkpoint_is_checked_before_the_run(tiny_run, shard_dir, tmp_path):
-    from tests.test_pretrain import _prep
+def _prep(shard_dir: str, out: str, *extra: str):
+    """prepare_run with the settings of tiny_run (seed 11)."""
+    from tests.test_pretrain import _prep as prep
 
+    return prep(shard_dir, out, "--train.seed=11", *extra)
+
+
+def test_resume_from_a_chosen_checkpoint_is_checked_before_the_run(tiny_run, shard_dir, tmp_path):
     out = copy_run(tiny_run, str(tmp_path / "run"))
     step1, step2 = (os.path.join(out, "checkpoints", f"step_0000000{i}") for i in (1, 2))
     with pytest.raises(ValueError, match="holds the newer checkpoint\\(s\\) step_00000002"):
@@ -242,8 +247,6 @@ def shard_copy(shard_dir, tmp_path) -> str:
 
 
 def _prep_shards(shards: str, tmp_path, *extra: str):
-    from tests.test_pretrain import _prep
-
     return _prep(shards, str(tmp_path / "run"), *extra)
 
 
@@ -295,3 +298,68 @@ def test_cli_reports_a_bad_shard_before_deepspeed_starts(shard_copy, tmp_path):
                   f"--data.shard_dir={shard_copy}", f"--train.out_dir={tmp_path}/r"], timeout=120)
     assert p.returncode == 2 and "validation_00000.bin is truncated" in p.stderr
     assert "DeepSpeed" not in p.stdout and not os.path.exists(tmp_path / "r")
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. mistakes that used to surface only after DeepSpeed started
+# --------------------------------------------------------------------------------------------------
+
+
+def test_resume_with_another_model_or_data_fails_before_the_run(tiny_run, shard_dir, tmp_path):
+    out = copy_run(tiny_run, str(tmp_path / "run"))
+    assert _prep(shard_dir, out, "--resume").resume_from.endswith("step_00000002")
+    with pytest.raises(ValueError, match=r"holds another model \(mem_n_keys: checkpoint 16, now 8\)"):
+        _prep(shard_dir, out, "--resume", '--model.overrides={"mem_n_keys": 8}')
+    with pytest.raises(ValueError, match="trained on other data or with another seed"):
+        _prep(shard_dir, out, "--resume", "--data.max_seq_len=32")
+    with pytest.raises(ValueError, match="seed 11; now .*, 12"):
+        _prep(shard_dir, out, "--resume", "--train.seed=12")
+
+
+def test_rejected_resume_leaves_the_run_config_alone(tiny_run, tmp_path):
+    out = copy_run(tiny_run, str(tmp_path / "run"))
+    with open(os.path.join(out, "run_config.json"), "rb") as f:
+        before = f.read()
+    p = resume(out, tiny_run["cfg"], '--model.overrides={"mem_n_keys": 8}')
+    assert p.returncode == 2 and "holds another model" in p.stderr
+    assert "[pretrain] model:" not in p.stdout + p.stderr  # nothing was built
+    with open(os.path.join(out, "run_config.json"), "rb") as f:
+        assert f.read() == before
+
+
+def test_init_from_without_weights_fails_before_the_run(shard_dir, tmp_path):
+    from tests.test_pretrain import _minilm_path
+
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    shutil.copy(os.path.join(_minilm_path(), "config.json"), folder / "config.json")
+    with pytest.raises(ValueError, match="has a config.json but no weights"):
+        _prep(shard_dir, str(tmp_path / "run"), f"--model.init_from={folder}")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "part-1.safetensors"}}))
+    with pytest.raises(ValueError, match="lists weight files that are missing \\(part-1.safetensors\\)"):
+        _prep(shard_dir, str(tmp_path / "run"), f"--model.init_from={folder}")
+
+
+def test_deepspeed_config_typos_are_errors():
+    from pretrain.config import load_config
+    from pretrain.main import resolve_ds_config
+
+    cfg = load_config(None, [])
+    base = {"train_micro_batch_size_per_gpu": 8}
+    with pytest.raises(ValueError, match="unknown key 'zero_optimisation' \\(did you mean 'zero_optimization'\\?\\)"):
+        resolve_ds_config(cfg, {**base, "zero_optimisation": {"stage": 3}}, 1, False)
+    with pytest.raises(ValueError, match="'zero_optimization.overlap_com': Extra inputs are not permitted"):
+        resolve_ds_config(cfg, {**base, "zero_optimization": {"stage": 2, "overlap_com": True}}, 1, False)
+    with pytest.raises(ValueError, match="'bf16.enabeld'"):
+        resolve_ds_config(cfg, {**base, "bf16": {"enabeld": True}}, 1, False)
+    ok = resolve_ds_config(cfg, {**base, "zero_optimization": {"stage": 3, "overlap_comm": False},
+                                 "bf16": {"enabled": True}, "wall_clock_breakdown": False}, 1, False)
+    assert ok["zero_optimization"]["stage"] == 3
+
+
+def test_cli_reports_a_deepspeed_key_typo_before_starting(shard_dir, tmp_path):
+    p = run_main(["--deepspeed_config", "ds_configs/tiny_zero2_fp32.json", "--model.preset=tiny",
+                  f"--data.shard_dir={shard_dir}", f"--train.out_dir={tmp_path}/r", "--ds.zero_optimisation.stage=3"],
+                 timeout=120)
+    assert p.returncode == 2 and "unknown key 'zero_optimisation'" in p.stderr
+    assert not os.path.exists(tmp_path / "r")
