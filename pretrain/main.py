@@ -638,11 +638,14 @@ def launch(config: str | RunConfig | dict[str, Any], ds_config: str, num_procs: 
                *overrides]
         child_env = {**os.environ, **(env or {})}
         child_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + child_env.get("PYTHONPATH", "")
+        from pretrain.launch_signals import wait_passing_on_sigterm  # SIGTERM: the ranks save first
+
         if log_file:
             with open(log_file, "w", encoding="utf-8") as f:
-                rc = subprocess.call(cmd, env=child_env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+                rc = wait_passing_on_sigterm(subprocess.Popen(cmd, env=child_env, stdout=f, stderr=subprocess.STDOUT,
+                                                              cwd=REPO_ROOT))
         else:
-            rc = subprocess.call(cmd, env=child_env, cwd=REPO_ROOT)
+            rc = wait_passing_on_sigterm(subprocess.Popen(cmd, env=child_env, cwd=REPO_ROOT))
     finally:
         if tmp_config is not None:
             os.remove(tmp_config)
