@@ -31,6 +31,15 @@ def test_setup_help_prints_help_and_sets_nothing_up(tmp_path):
     assert not venv.exists()
 
 
+def _setup_stamp() -> str:
+    """run.sh's setup_stamp: the first 16 hex digits of sha256(requirements + constraints + pyproject)."""
+    import hashlib
+
+    data = b"".join(open(os.path.join(REPO, n), "rb").read() for n in ("requirements.txt", "constraints.txt",
+                                                                       "pyproject.toml"))
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def _processes_mentioning(text: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -40,8 +49,8 @@ def _processes_mentioning(text: str) -> list[psutil.Process]:
 
 
 def test_sigterm_to_run_sh_pretrain_checkpoints_and_leaves_no_process(shard_dir, tmp_path):  # noqa: F811
-    if not any(n.startswith(".setup-") for n in os.listdir(VENV)):
-        pytest.skip("the test venv was not made by ./run.sh setup (run.sh would install into it)")
+    if not os.path.isfile(os.path.join(VENV, f".setup-{_setup_stamp()}")):
+        pytest.skip("the test venv is not what ./run.sh setup would make now (run.sh would install into it)")
     out = str(tmp_path / "run")
     cfg_path = str(tmp_path / "sigterm_cfg.json")
     with open(cfg_path, "w") as f:
