@@ -46,7 +46,8 @@ def numpy_rng_globals() -> list[Any]:
     states became tensors): array reconstruction of a uint32 array, no object arrays."""
     import numpy as np
 
-    reconstruct = getattr(getattr(np, "_core", np.core), "multiarray")._reconstruct
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 moved it (np.core warns there)
+    reconstruct = core.multiarray._reconstruct
     return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 

@@ -363,3 +363,22 @@ def test_cli_reports_a_deepspeed_key_typo_before_starting(shard_dir, tmp_path):
                  timeout=120)
     assert p.returncode == 2 and "unknown key 'zero_optimisation'" in p.stderr
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_train_state_with_a_pickled_numpy_rng_still_loads(tmp_path):
+    """Train states written before the RNG states became tensors hold a numpy array: the restricted
+    loader allows exactly what that array needs, so those checkpoints still resume."""
+    import random
+
+    import numpy as np
+
+    from pretrain.checkpoint import load_train_state_file, restore_rng_state
+
+    np.random.seed(3)
+    path = str(tmp_path / "rank_00000.pt")
+    torch.save({"step": 3, "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                                   "torch": torch.get_rng_state()}}, path)
+    expected = np.random.rand(3).tolist()
+    np.random.seed(0)
+    restore_rng_state(load_train_state_file(path)["rng"])
+    assert np.random.rand(3).tolist() == expected
