@@ -382,3 +382,17 @@ def test_train_state_with_a_pickled_numpy_rng_still_loads(tmp_path):
     np.random.seed(0)
     restore_rng_state(load_train_state_file(path)["rng"])
     assert np.random.rand(3).tolist() == expected
+
+
+def test_convert_refuses_a_damaged_checkpoint_and_falls_back_from_a_run_folder(tiny_run, tmp_path, capsys):
+    from pretrain.convert import convert_checkpoint, main as convert_main
+
+    out = copy_run(tiny_run, str(tmp_path / "run"))
+    step2 = os.path.join(out, "checkpoints", "step_00000002")
+    _truncate(os.path.join(step2, "ds", "state", "mp_rank_00_model_states.pt"))
+    with pytest.raises(ValueError, match="step_00000002' is damaged: ds/state/mp_rank_00_model_states.pt has"):
+        convert_checkpoint(step2, str(tmp_path / "hf2"))
+    assert convert_main([out, str(tmp_path / "hf")]) == 0  # the run folder: its newest intact checkpoint
+    assert "step_00000002' is damaged" in capsys.readouterr().err
+    with open(tmp_path / "hf" / "pretrain_info.json") as f:
+        assert json.load(f)["step"] == 1
