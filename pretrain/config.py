@@ -113,7 +113,7 @@ class TrainConfig:
     resume: bool = False  # continue from the newest intact checkpoint in out_dir
     resume_from: str | None = None  # continue from this checkpoint folder (checkpoints/step_N); implies resume
     stale_window_steps: int = 100  # a slot is stale if not updated in this many steps
-    max_skipped_steps: int = 20  # stop (error) after this many consecutive non-finite, skipped steps; 0: never
+    max_skipped_steps: int = 20  # stop (exit 3) after this many non-finite or skipped steps in a row (checked at log steps); 0: never
     tensorboard: bool = True
     deterministic: bool = False  # torch deterministic algorithms (GPU: bitwise-reproducible resume, slower)
     debug_kill_after_step: int = 0  # tests: SIGKILL every rank right after this step's checkpoint

@@ -9,11 +9,14 @@ Arguments:
     --deepspeed_config PATH  DeepSpeed JSON: batch sizes, ZeRO stage, precision, offload
     --section.key=VALUE      override a run-config value (e.g. --train.max_steps=50)
     --ds.key=VALUE           override a DeepSpeed-config value (e.g. --ds.gradient_accumulation_steps=4)
-    --resume                 same as --train.resume=true
+    --resume                 same as --train.resume=true (the newest intact checkpoint in train.out_dir)
+    --train.resume_from=DIR  resume from this checkpoint folder (checkpoints/step_N) instead
     --local_rank N           set by the deepspeed launcher (ignored: LOCAL_RANK is read instead)
 
-Everything that can be wrong with the configs, paths and batch sizes is checked before DeepSpeed,
-the model or the data are touched (``prepare_run``), and reported as one sentence saying what to fix.
+Everything that can be wrong with the configs, paths, batch sizes, shards and the checkpoint to
+resume is checked before DeepSpeed or the model are touched (``prepare_run``), and reported as one
+sentence saying what to fix. A run that diverges (``train.max_skipped_steps`` non-finite steps in a
+row) exits with code 3.
 """
 
 from __future__ import annotations
