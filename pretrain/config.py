@@ -74,7 +74,7 @@ class DataConfig:
     mlm_probability: float = 0.15
     whole_word_masking: bool = False
     num_workers: int = 0  # DataLoader workers per rank (masking is seeded per sample: any number is exact)
-    verify_checksums: bool = False  # check every shard's SHA-256 against manifest.json before training (once per file version)
+    verify_checksums: bool = False  # shards' SHA-256 against manifest.json before training (cached per file)
 
 
 @dataclass
@@ -113,7 +113,7 @@ class TrainConfig:
     resume: bool = False  # continue from the newest intact checkpoint in out_dir
     resume_from: str | None = None  # continue from this checkpoint folder (checkpoints/step_N); implies resume
     stale_window_steps: int = 100  # a slot is stale if not updated in this many steps
-    max_skipped_steps: int = 20  # stop (exit 3) after this many non-finite or skipped steps in a row (checked at log steps); 0: never
+    max_skipped_steps: int = 20  # stop (exit 3) after this many non-finite/skipped steps in a row; 0: never
     tensorboard: bool = True
     deterministic: bool = False  # torch deterministic algorithms (GPU: bitwise-reproducible resume, slower)
     debug_kill_after_step: int = 0  # tests: SIGKILL every rank right after this step's checkpoint
