@@ -8,6 +8,7 @@ Layout under ``<out_dir>/checkpoints/``::
         train_state/rank_00000.pt   TrainState of each rank (step, tokens, data position, RNG states)
         run_config.json             the resolved run config
         ds_config.json              the DeepSpeed config the engine ran with
+        data.json                   the training split's fingerprint (checked before a resume)
         model/config.json           BertPkmConfig (+ tokenizer files when known), for convert
         meta.json                   format version, step, world size, ZeRO stage, value-shard layout,
                                     and the size of every other file (checked before a resume)

@@ -77,6 +77,17 @@ def _write_verified_cache(shard_dir: Path, cache: dict) -> None:
         pass
 
 
+def data_fingerprint(shard_dir: str | Path, split: str) -> str:
+    """SHA-256 over the manifest's record of a split (every shard's checksums, in order) and the
+    tokenizer's: equal for the same token data wherever the folder lies, different for other data."""
+    import hashlib
+
+    manifest = load_manifest(shard_dir)
+    shards = [[r["sha256_bin"], r["sha256_idx"]] for r in manifest["splits"][split]["shards"]]
+    record = json.dumps({"tokenizer": manifest["tokenizer"].get("sha256"), "shards": shards}, sort_keys=True)
+    return hashlib.sha256(record.encode()).hexdigest()
+
+
 def check_shards(shard_dir: str | Path, splits: Sequence[str], vocab_size: int, verify_checksums: bool = False) -> None:
     """Raise ValueError naming the file unless every shard of ``splits`` is usable by a model with
     ``vocab_size`` token ids: headers, versions, dtypes, file sizes and index consistency (always,

@@ -345,8 +345,19 @@ def _check_resume_matches(ckpt_dir: str, cfg: RunConfig, model_config: Any) -> N
             shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in differ[:4])
             raise ValueError(f"the checkpoint to resume ({ckpt_dir}) holds another model ({shown}): resume with the "
                              "run's model settings (its run_config.json), or start a new run in another train.out_dir.")
-    sampler = load_train_state_file(os.path.join(ckpt_dir, "train_state", "rank_00000.pt")).get("sampler", {})
     d = cfg.data
+    data_file = os.path.join(ckpt_dir, "data.json")  # checkpoints written before it existed lack it
+    if os.path.isfile(data_file):
+        from pretrain.data import data_fingerprint
+
+        with open(data_file, encoding="utf-8") as f:
+            saved_data = json.load(f)
+        if saved_data.get("train_fingerprint") != data_fingerprint(d.shard_dir, d.train_split):
+            raise ValueError(
+                f"the checkpoint to resume ({ckpt_dir}) was trained on other data: the shards of split "
+                f"'{d.train_split}' in '{d.shard_dir}' (their checksums, or the tokenizer) differ from the ones it was "
+                "trained on. Resume with the run's data.shard_dir, or start a new run in another train.out_dir.")
+    sampler = load_train_state_file(os.path.join(ckpt_dir, "train_state", "rank_00000.pt")).get("sampler", {})
     num_samples = len(MLMDataset(d.shard_dir, split=d.train_split, max_seq_len=d.max_seq_len, packing=d.packing,
                                  mask_prob=d.mlm_probability, whole_word_masking=d.whole_word_masking,
                                  seed=cfg.train.seed))

@@ -549,7 +549,8 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.cfg.train.out_dir, self.state.step, self.engine, self.tables, self.value_optimizer,
             self.value_scheduler, self.state, self.rank, self.world_size, self.cfg.train.keep_last_k,
-            extra_files={"run_config.json": config_to_dict(self.cfg), "ds_config.json": self.ds_config},
+            extra_files={"run_config.json": config_to_dict(self.cfg), "ds_config.json": self.ds_config,
+                         "data.json": _data_identity(self.cfg)},
             model_config=self.model_config, tokenizer_dir=self.tokenizer_dir,
         )
         self.last_checkpoint = path
@@ -618,6 +619,13 @@ class Trainer:
         if self.rank == 0:
             torch.save({"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": out.logits.float().cpu()},
                        os.path.join(self.cfg.train.out_dir, "debug_logits.pt"))
+
+
+def _data_identity(cfg: RunConfig) -> dict[str, str]:
+    """What a resume checks the data against (pretrain.main): the training split's fingerprint."""
+    from pretrain.data import data_fingerprint
+
+    return {"train_fingerprint": data_fingerprint(cfg.data.shard_dir, cfg.data.train_split)}
 
 
 def _short(module_path: str) -> str:

@@ -396,3 +396,18 @@ def test_convert_refuses_a_damaged_checkpoint_and_falls_back_from_a_run_folder(t
     assert "step_00000002' is damaged" in capsys.readouterr().err
     with open(tmp_path / "hf" / "pretrain_info.json") as f:
         assert json.load(f)["step"] == 1
+
+
+def test_resume_on_other_data_of_the_same_size_fails_before_the_run(tiny_run, shard_dir, tmp_path):
+    out = copy_run(tiny_run, str(tmp_path / "run"))
+    assert os.path.isfile(os.path.join(out, "checkpoints", "step_00000002", "data.json"))
+    moved = shutil.copytree(shard_dir, str(tmp_path / "moved"))
+    assert _prep(moved, out, "--resume").resume_from  # the same data elsewhere is fine
+    path = os.path.join(moved, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["splits"]["train"]["shards"][0]["sha256_bin"] = "0" * 64  # other tokens, same counts
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(ValueError, match="was trained on other data: the shards of split 'train'"):
+        _prep(moved, out, "--resume")
