@@ -328,9 +328,9 @@ _CONFIG_KEYS_NOT_COMPARED = {"transformers_version", "architectures", "torch_dty
 
 
 def _check_resume_matches(ckpt_dir: str, cfg: RunConfig, model_config: Any) -> None:
-    """The checkpoint must continue this very model on this very data: compare its model config and
-    its data position (sample count and seed) with the run's, before DeepSpeed starts and before
-    the run folder's run_config.json is rewritten."""
+    """The checkpoint must continue this very model on this very data: compare its model config, its
+    data fingerprint (shard checksums) and its data position (sample count and seed) with the run's,
+    before DeepSpeed starts and before the run folder's run_config.json is rewritten."""
     from pkm.configuration import BertPkmConfig
     from pretrain.checkpoint import load_train_state_file
     from pretrain.data import MLMDataset
