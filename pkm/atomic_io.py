@@ -7,7 +7,29 @@ import os
 import tempfile
 from typing import Any
 
-__all__ = ["write_json_atomic"]
+__all__ = ["write_json_atomic", "current_umask", "honour_umask"]
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` can only be
+    read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(fd: int) -> None:
+    """Give a ``tempfile.mkstemp`` file (always 0600) the mode ``open()`` would have given it
+    (0666 minus the umask), so the renamed result is readable like the files beside it, e.g. by the
+    other users of a shared cluster file system."""
+    os.fchmod(fd, 0o666 & ~current_umask())
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
@@ -20,6 +42,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None =
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
     try:
+        honour_umask(fd)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=indent, sort_keys=sort_keys, default=str)
             f.write("\n")

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from pkm.atomic_io import write_json_atomic
+from pkm.atomic_io import honour_umask, write_json_atomic
 import torch.distributed as dist
 
 from pkm.sharded_values import ShardedValueTable, column_bounds
@@ -74,6 +75,7 @@ class FullValues:
 def _atomic_torch_save(obj: object, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
     try:
+        honour_umask(fd)  # mkstemp's 0600 would lock other users out of the checkpoint
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -202,7 +204,13 @@ class _ShardReader:
     def file(self, rank: int) -> dict:
         if rank not in self._open:
             path = os.path.join(self.directory, self.meta["files"][rank])
-            self._open[rank] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                self._open[rank] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except pickle.UnpicklingError as e:  # torch's restricted unpickler met a non-tensor object
+                raise ValueError(
+                    f"value shard '{path}' holds Python objects that are not tensors or plain data; it is "
+                    f"refused because unpickling it could run code ({str(e).splitlines()[0]})."
+                ) from None
         return self._open[rank]
 
     def columns(self, name: str, key: str, start: int, end: int) -> torch.Tensor:

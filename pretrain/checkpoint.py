@@ -8,8 +8,10 @@ Layout under ``<out_dir>/checkpoints/``::
         train_state/rank_00000.pt   TrainState of each rank (step, tokens, data position, RNG states)
         run_config.json             the resolved run config
         ds_config.json              the DeepSpeed config the engine ran with
+        data.json                   the training split's fingerprint (checked before a resume)
         model/config.json           BertPkmConfig (+ tokenizer files when known), for convert
-        meta.json                   step, world size, ZeRO stage, value-shard layout
+        meta.json                   format version, step, world size, ZeRO stage, value-shard layout,
+                                    and the size of every other file (checked before a resume)
     latest                          "step_00000100": the newest complete checkpoint
     step_00000090/ ...              older ones, the last ``keep_last_k`` kept
 
@@ -17,8 +19,9 @@ Writing: rank 0 creates ``step_N.tmp/``; every rank writes its parts; after a ba
 ``meta.json``, renames the folder to ``step_N`` (atomic on one file system) and only then replaces
 ``latest`` (written to a temp file and ``os.replace``d). A crash at any point leaves either the old
 ``latest`` or the new one pointing at a complete folder; leftover ``*.tmp`` folders are ignored and
-cleaned by the next save. The folder must be on a file system every rank sees (as DeepSpeed's own
-checkpointing assumes).
+cleaned by the next save. A folder damaged later (a file missing or of another size than meta.json
+records) is skipped by ``latest_checkpoint``, which falls back to the newest intact one. The folder
+must be on a file system every rank sees (as DeepSpeed's own checkpointing assumes).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ import torch.distributed as dist
 
 from pkm.checkpoint_values import load_full_values, load_value_shards, save_value_shards
 from pkm.atomic_io import write_json_atomic
+from pretrain.safe_load import deepspeed_files_loaded_safely, load_weights_only, numpy_rng_globals
 
 __all__ = [
     "TrainState",
@@ -44,6 +48,9 @@ __all__ = [
     "restore_rng_state",
     "checkpoint_root",
     "latest_checkpoint",
+    "checkpoint_problems",
+    "read_meta",
+    "CKPT_FORMAT_VERSION",
     "list_checkpoints",
     "step_dir_name",
     "save_checkpoint",
@@ -55,6 +62,8 @@ __all__ = [
 ]
 
 DS_TAG = "state"  # DeepSpeed's tag inside <ckpt>/ds/
+# meta.json format: 1 = no version key, no file list; 2 = "files": {relative path: size in bytes}
+CKPT_FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -79,9 +88,13 @@ class TrainState:
 
 
 def capture_rng_state() -> dict[str, Any]:
+    """Python / numpy / torch (/ cuda) RNG states as tensors, ints and tuples only, so the train
+    state loads with ``torch.load(weights_only=True)`` (no pickled numpy arrays)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of ints, None)
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -89,12 +102,27 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+def _numpy_state(saved: Any) -> Any:
+    """np.random.set_state's tuple, from the tensor form (or the tuple older train states hold)."""
+    if isinstance(saved, dict):
+        keys = np.asarray(saved["keys"].numpy(), dtype=np.uint32)
+        return saved["kind"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"]
+    return saved
+
+
 def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_train_state_file(path: str) -> dict[str, Any]:
+    """One rank's train state, unpickled by torch's restricted loader (tensors and plain data; the
+    numpy array of train states written before RNG states became tensors is allowed too)."""
+    return load_weights_only(path, extra_globals=numpy_rng_globals())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,32 +151,70 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def latest_checkpoint(path: str) -> str | None:
-    """The newest complete checkpoint folder.
+def latest_checkpoint(path: str, warn: Callable[[str], None] | None = None) -> str | None:
+    """The newest intact checkpoint folder.
 
-    ``path`` may be a run's out_dir, its ``checkpoints/`` folder, or a checkpoint folder itself.
-    ``latest`` is trusted when it names a complete folder; otherwise the highest complete step is
-    taken (``latest`` could only lag behind the folders, never lead them).
+    ``path`` may be a run's out_dir, its ``checkpoints/`` folder, or a checkpoint folder itself
+    (returned as it is: ``checkpoint_problems`` tells whether it is intact). Folders whose files do
+    not match their meta.json (a damaged disk, a copy cut short) are skipped, each reported through
+    ``warn``, so a run resumes from the newest checkpoint it can really load. (``latest`` is written
+    for people and tools; it can only lag behind the folders, never lead them, so the highest intact
+    step is the answer.)
     """
     if os.path.isfile(os.path.join(path, "meta.json")):
         return path
     root = checkpoint_root(path) if os.path.isdir(checkpoint_root(path)) else path
-    latest_file = os.path.join(root, "latest")
-    if os.path.isfile(latest_file):
-        with open(latest_file, encoding="utf-8") as f:
-            name = f.read().strip()
-        cand = os.path.join(root, name)
-        if os.path.isfile(os.path.join(cand, "meta.json")):
-            done = list_checkpoints(root)
-            if not done or done[-1][1] == cand:
-                return cand
-    done = list_checkpoints(root)
-    return done[-1][1] if done else None
+    for _, cand in reversed(list_checkpoints(root)):
+        problems = checkpoint_problems(cand)
+        if not problems:
+            return cand
+        if warn is not None:
+            warn(f"checkpoint '{cand}' is damaged ({'; '.join(problems[:3])}): skipping it, using an older one.")
+    return None
 
 
 def read_meta(ckpt_dir: str) -> dict[str, Any]:
-    with open(os.path.join(ckpt_dir, "meta.json"), encoding="utf-8") as f:
-        return json.load(f)
+    path = os.path.join(ckpt_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint meta '{path}' cannot be read ({e}).") from None
+    version = meta.get("format_version", 1)  # version 1 (no file list) had no version key
+    if version > CKPT_FORMAT_VERSION:
+        raise ValueError(f"checkpoint '{ckpt_dir}' has format version {version}; this code reads versions up to "
+                         f"{CKPT_FORMAT_VERSION}: update pkm-bert.")
+    return meta
+
+
+def _file_sizes(folder: str) -> dict[str, int]:
+    """{relative path: size in bytes} of every file under folder except meta.json."""
+    sizes = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, folder).replace(os.sep, "/")
+            if rel != "meta.json":
+                sizes[rel] = os.path.getsize(full)
+    return dict(sorted(sizes.items()))
+
+
+def checkpoint_problems(ckpt_dir: str) -> list[str]:
+    """What is wrong with a checkpoint folder (empty: intact): an unreadable meta.json, or a file of
+    its recorded list that is missing or has another size. Cheap (one stat per file). Checkpoints
+    of format version 1 carry no file list: only their meta.json is checked."""
+    try:
+        meta = read_meta(ckpt_dir)
+    except ValueError as e:
+        return [str(e)]
+    problems = []
+    for rel, size in meta.get("files", {}).items():
+        full = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(full):
+            problems.append(f"{rel} is missing")
+        elif os.path.getsize(full) != size:
+            problems.append(f"{rel} has {os.path.getsize(full)} bytes, {size} were written")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +241,7 @@ def load_value_state(folder: str, tables: dict[str, Any], value_optimizer: Any, 
     load_value_shards(folder, tables, value_optimizer, strict=True, restore_hyperparams=True)
     path = os.path.join(folder, "value_scheduler.pt")
     if value_scheduler is not None and os.path.isfile(path):
-        value_scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        value_scheduler.load_state_dict(load_weights_only(path))
 
 
 def load_full_value_tables(folder: str) -> dict[str, torch.Tensor]:
@@ -245,12 +311,14 @@ def save_checkpoint(
 
     if rank == 0:
         meta = {
+            "format_version": CKPT_FORMAT_VERSION,
             "step": step,
             "world_size": world_size,
             "zero_stage": int(engine.zero_optimization_stage()),
             "ds_tag": DS_TAG,
             "tokens_seen": train_state.tokens_seen,
             "value_tables": {n: {"num_rows": int(t.num_rows), "dim": int(t.dim)} for n, t in tables.items()},
+            "files": _file_sizes(tmp),  # every rank's files are in place (barrier above)
         }
         write_json_atomic(os.path.join(tmp, "meta.json"), meta)
         os.replace(tmp, final)
@@ -260,10 +328,18 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         os.replace(latest_tmp, os.path.join(root, "latest"))
-        for _, old in list_checkpoints(root)[:-keep_last_k]:
+        for old in _rotated_out(root, step, keep_last_k):
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _rotated_out(root: str, step: int, keep_last_k: int) -> list[str]:
+    """Checkpoints older than the ``keep_last_k`` newest up to ``step``. Folders of later steps
+    (left by a run that was resumed from an earlier checkpoint because they were damaged) never
+    count, so the checkpoint just written is never among those removed."""
+    upto = [path for s, path in list_checkpoints(root) if s <= step]
+    return upto[:-keep_last_k]
 
 
 def load_checkpoint(
@@ -284,16 +360,16 @@ def load_checkpoint(
             f"{world_size}: DeepSpeed's ZeRO optimizer state is partitioned per rank, so resume with "
             f"{meta['world_size']} ranks."
         )
-    load_path, _ = engine.load_checkpoint(
-        os.path.join(ckpt_dir, "ds"), tag=meta.get("ds_tag", DS_TAG),
-        load_optimizer_states=True, load_lr_scheduler_states=True,
-    )
+    with deepspeed_files_loaded_safely(os.path.join(ckpt_dir, "ds")):  # DeepSpeed's own loads unpickle
+        load_path, _ = engine.load_checkpoint(
+            os.path.join(ckpt_dir, "ds"), tag=meta.get("ds_tag", DS_TAG),
+            load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load the engine state from '{ckpt_dir}/ds'.")
     load_value_state(os.path.join(ckpt_dir, "values"), tables, value_optimizer, value_scheduler)
     ts_path = os.path.join(ckpt_dir, "train_state", f"rank_{rank:05d}.pt")
-    state = torch.load(ts_path, map_location="cpu", weights_only=False)
-    return TrainState.from_dict(state)
+    return TrainState.from_dict(load_train_state_file(ts_path))
 
 
 TOKENIZER_FILES = (

@@ -107,6 +107,7 @@ class DataConfig:
     mlm_probability: float = 0.15
     whole_word_masking: bool = False
     num_workers: int = 0  # DataLoader workers per rank (masking is seeded per sample: any number is exact)
+    verify_checksums: bool = False  # shards' SHA-256 against manifest.json before training (cached per file)
 
 
 @dataclass
@@ -143,8 +144,10 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: checkpoint only at the end (and on SIGTERM/SIGINT)
     keep_last_k: int = 3
     out_dir: str = "runs/pretrain"
-    resume: bool = False  # continue from the latest complete checkpoint in out_dir
+    resume: bool = False  # continue from the newest intact checkpoint in out_dir
+    resume_from: str | None = None  # continue from this checkpoint folder (checkpoints/step_N); implies resume
     stale_window_steps: int = 100  # a slot is stale if not updated in this many steps
+    max_skipped_steps: int = 20  # stop (exit 3) after this many non-finite/skipped steps in a row; 0: never
     tensorboard: bool = True
     deterministic: bool = False  # torch deterministic algorithms (GPU: bitwise-reproducible resume, slower)
     debug_kill_after_step: int = 0  # tests: SIGKILL every rank right after this step's checkpoint
@@ -168,7 +171,7 @@ class RunConfig:
         o, t, d = self.optim, self.train, self.data
         if t.max_steps <= 0:
             raise ValueError(f"train.max_steps must be positive, got {t.max_steps}.")
-        for name in ("log_every", "eval_every", "ckpt_every", "debug_kill_after_step"):
+        for name in ("log_every", "eval_every", "ckpt_every", "debug_kill_after_step", "max_skipped_steps"):
             if getattr(t, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(t, name)}.")
         if t.log_every == 0:

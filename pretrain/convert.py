@@ -24,7 +24,15 @@ import torch
 if __package__ in (None, ""):  # run as a file, `pretrain` would not be importable
     sys.exit("error: run the conversion as a module: python -m pretrain.convert CKPT OUT")
 
-from pretrain.checkpoint import DS_TAG, copy_tokenizer_files, latest_checkpoint, load_full_value_tables, read_meta  # noqa: E402
+from pretrain.checkpoint import (  # noqa: E402
+    DS_TAG,
+    checkpoint_problems,
+    copy_tokenizer_files,
+    latest_checkpoint,
+    load_full_value_tables,
+    read_meta,
+)
+from pretrain.safe_load import deepspeed_files_loaded_safely  # noqa: E402
 
 __all__ = ["convert_checkpoint", "load_dense_state_dict", "main"]
 
@@ -42,10 +50,12 @@ def load_dense_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        sd = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag)
+        with deepspeed_files_loaded_safely(ds_dir):  # zero_to_fp32 unpickles with weights_only=False itself
+            sd = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag)
     else:
         path = os.path.join(ds_dir, tag, "mp_rank_00_model_states.pt")
-        sd = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        with deepspeed_files_loaded_safely(path):
+            sd = torch.load(path, map_location="cpu", weights_only=True)["module"]
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 
@@ -58,9 +68,13 @@ def convert_checkpoint(ckpt: str, out_dir: str, dtype: str = "float32") -> str:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
     if not os.path.exists(ckpt):
         raise ValueError(f"checkpoint path '{ckpt}' does not exist.")
-    ckpt_dir = latest_checkpoint(ckpt)
+    ckpt_dir = latest_checkpoint(ckpt, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
     if ckpt_dir is None:
         raise ValueError(f"'{ckpt}' holds no complete checkpoint (a folder with meta.json).")
+    problems = checkpoint_problems(ckpt_dir)
+    if problems:
+        raise ValueError(f"checkpoint '{ckpt_dir}' is damaged: {'; '.join(problems[:5])}. Convert an older one "
+                         "(checkpoints/step_N) or the run folder (its newest intact checkpoint is taken).")
     model_dir = os.path.join(ckpt_dir, "model")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"checkpoint '{ckpt_dir}' has no model/config.json: it was not written by pretrain.")

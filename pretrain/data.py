@@ -50,6 +50,75 @@ from data_prep import load_manifest, open_split
 
 IGNORE_INDEX = -100
 PACKING_MODES = ("full", "doc")
+VERIFIED_CACHE = "shards_verified.json"  # per-shard results of check_shards, keyed by file size + mtime
+
+
+# ---------------------------------------------------------------- checks before training
+
+
+def _file_stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_verified_cache(shard_dir: Path) -> dict:
+    try:
+        return json.loads((shard_dir / VERIFIED_CACHE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_verified_cache(shard_dir: Path, cache: dict) -> None:
+    from pkm.atomic_io import write_json_atomic
+
+    try:
+        write_json_atomic(shard_dir / VERIFIED_CACHE, cache, sort_keys=True)
+    except OSError:  # a read-only data folder: the checks simply run again next time
+        pass
+
+
+def data_fingerprint(shard_dir: str | Path, split: str) -> str:
+    """SHA-256 over the manifest's record of a split (every shard's checksums, in order) and the
+    tokenizer's: equal for the same token data wherever the folder lies, different for other data."""
+    import hashlib
+
+    manifest = load_manifest(shard_dir)
+    shards = [[r["sha256_bin"], r["sha256_idx"]] for r in manifest["splits"][split]["shards"]]
+    record = json.dumps({"tokenizer": manifest["tokenizer"].get("sha256"), "shards": shards}, sort_keys=True)
+    return hashlib.sha256(record.encode()).hexdigest()
+
+
+def check_shards(shard_dir: str | Path, splits: Sequence[str], vocab_size: int, verify_checksums: bool = False) -> None:
+    """Raise ValueError naming the file unless every shard of ``splits`` is usable by a model with
+    ``vocab_size`` token ids: headers, versions, dtypes, file sizes and index consistency (always,
+    cheap), every token id below ``vocab_size`` (one pass over each shard: the maximum id is cached
+    per file size + mtime in ``shards_verified.json``), and with ``verify_checksums`` the SHA-256 of
+    both files against manifest.json (also cached, so a shard is hashed once while it is unchanged).
+    Meant to run before any model or process group is built."""
+    from data_prep.shards import file_sha256
+
+    shard_dir = Path(shard_dir)
+    manifest = load_manifest(shard_dir)
+    cache, changed = _read_verified_cache(shard_dir), False
+    for split in splits:
+        for reader, rec in zip(open_split(shard_dir, split), manifest["splits"][split]["shards"]):
+            stamp = _file_stamp(reader.bin_path) + _file_stamp(reader.idx_path)
+            entry = cache.get(rec["bin"])
+            if not entry or entry.get("stamp") != stamp:
+                entry = {"stamp": stamp, "max_token": int(reader.tokens.max()) if reader.num_tokens else -1}
+                cache[rec["bin"]], changed = entry, True
+            if entry["max_token"] >= vocab_size:
+                raise ValueError(
+                    f"{reader.bin_path} holds token id {entry['max_token']}, but the vocabulary has {vocab_size} ids "
+                    f"(0..{vocab_size - 1}): the shard is corrupt or was prepared with another tokenizer; re-run data prep.")
+            if verify_checksums and not entry.get("sha256_verified"):
+                for key, path in (("sha256_bin", reader.bin_path), ("sha256_idx", reader.idx_path)):
+                    if file_sha256(path) != rec[key]:
+                        raise ValueError(f"{path} fails its manifest.json checksum: the file changed after data prep; "
+                                         "re-run data prep.")
+                entry["sha256_verified"], changed = True, True
+    if changed:
+        _write_verified_cache(shard_dir, cache)
 
 
 class ShardedTokens:

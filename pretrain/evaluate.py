@@ -60,6 +60,14 @@ def _all_reduce(t: torch.Tensor, group: Any, op=dist.ReduceOp.SUM) -> torch.Tens
     return t
 
 
+def _perplexity(mean_loss: float) -> float:
+    """exp(loss), capped at exp(50) for a finite loss; NaN and inf stay what they are (``min``
+    would turn NaN into the cap)."""
+    if not math.isfinite(mean_loss):
+        return mean_loss if mean_loss > 0 else float("nan")
+    return math.exp(min(50.0, mean_loss))
+
+
 @torch.no_grad()
 def evaluate_mlm(
     model: Any,
@@ -90,8 +98,9 @@ def evaluate_mlm(
         selected = labels != -100  # [B, S]
         out = model(**batch, masked_logits_only=True)  # logits [M, vocab]
         m = selected.sum()
-        loss = torch.nan_to_num(out.loss.double(), nan=0.0)  # no masked token: mean over nothing
-        sums[0] += loss * m
+        # a batch without masked tokens has a NaN mean over nothing and weight 0; any other
+        # non-finite loss is the model's (a diverged run) and must show in the result
+        sums[0] += torch.where(m > 0, out.loss.double() * m, torch.zeros((), dtype=torch.float64, device=device))
         sums[1] += (out.logits.argmax(-1) == labels[selected]).sum()
         sums[2] += m
         sums[3] += batch["attention_mask"].sum()
@@ -102,7 +111,7 @@ def evaluate_mlm(
     metrics = {
         "loss": loss_sum / masked if masked else float("nan"),
         "mlm_acc": correct / masked if masked else float("nan"),
-        "perplexity": math.exp(min(50.0, loss_sum / masked)) if masked else float("nan"),
+        "perplexity": _perplexity(loss_sum / masked) if masked else float("nan"),
         "tokens": tokens,
         "batches_per_rank": float(n),
     }

@@ -9,11 +9,14 @@ Arguments:
     --deepspeed_config PATH  DeepSpeed JSON: batch sizes, ZeRO stage, precision, offload
     --section.key=VALUE      override a run-config value (e.g. --train.max_steps=50)
     --ds.key=VALUE           override a DeepSpeed-config value (e.g. --ds.gradient_accumulation_steps=4)
-    --resume                 same as --train.resume=true
+    --resume                 same as --train.resume=true (the newest intact checkpoint in train.out_dir)
+    --train.resume_from=DIR  resume from this checkpoint folder (checkpoints/step_N) instead
     --local_rank N           set by the deepspeed launcher (ignored: LOCAL_RANK is read instead)
 
-Everything that can be wrong with the configs, paths and batch sizes is checked before DeepSpeed,
-the model or the data are touched (``prepare_run``), and reported as one sentence saying what to fix.
+Everything that can be wrong with the configs, paths, batch sizes, shards and the checkpoint to
+resume is checked before DeepSpeed or the model are touched (``prepare_run``), and reported as one
+sentence saying what to fix. A run that diverges (``train.max_skipped_steps`` non-finite steps in a
+row) exits with code 3.
 """
 
 from __future__ import annotations
@@ -118,6 +121,49 @@ def _offload_device(ds: dict[str, Any]) -> str | None:
     return dev if dev not in (None, "none") else None
 
 
+# Every top-level key DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the monitor, comms,
+# profiler, activation-checkpointing, autotuning and data-efficiency configs it builds); DeepSpeed
+# ignores any other key silently, so a typo such as "zero_optimisation" would train without ZeRO.
+_DS_TOP_LEVEL_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "managed_gradient_accumulation", "steps_per_print", "dump_state", "disable_python_gc", "disable_allgather",
+    "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "gradient_allreduce_op", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "tensorboard", "wandb", "csv_monitor", "comet", "gradient_clipping", "fp16",
+    "bf16", "bfloat16", "torch_autocast", "optimizer", "scheduler", "wall_clock_breakdown", "memory_breakdown",
+    "flops_profiler", "activation_checkpointing", "comms_logger", "autotuning", "checkpoint", "datastates_ckpt",
+    "data_types", "aio", "pipeline", "hybrid_engine", "data_efficiency", "dataloader_drop_last", "log_level",
+    "weight_quantization", "timers", "tensor_parallel", "expert_parallel", "use_data_before_expert_parallelism",
+    "vocabulary_size", "compile",
+})
+
+
+def _check_ds_keys(ds: dict[str, Any], ds_name: str) -> None:
+    """Unknown top-level keys (an allow-list) and the ZeRO / fp16 / bf16 sections (DeepSpeed's own
+    pydantic models, which forbid unknown fields) are errors here, before DeepSpeed starts."""
+    import difflib
+
+    for key in ds:
+        if key not in _DS_TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(key, sorted(_DS_TOP_LEVEL_KEYS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"{ds_name} has unknown key '{key}'{hint}: DeepSpeed would ignore it silently; "
+                             "fix or remove it.")
+    from pydantic import ValidationError
+
+    from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    for section, parse in (("zero_optimization", get_zero_config), ("fp16", get_float16_config),
+                           ("bf16", get_bfloat16_config)):
+        try:
+            parse(ds)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            raise ValueError(f"{ds_name}: '{section}.{where}': {err.get('msg')}: fix or remove it.") from None
+
+
 def resolve_ds_config(cfg: RunConfig, ds_raw: dict[str, Any], world_size: int, on_gpu: bool,
                       ds_name: str = "the DeepSpeed config") -> dict[str, Any]:
     """The DeepSpeed dict the engine gets: the user's engine settings, checked, plus the optimizer
@@ -129,6 +175,7 @@ def resolve_ds_config(cfg: RunConfig, ds_raw: dict[str, Any], world_size: int, o
                 f"{ds_name} sets '{key}', which belongs to the run config ({home}) so that the dense and "
                 f"the value-table schedules come from one place: remove '{key}' from {ds_name}."
             )
+    _check_ds_keys(ds, ds_name)
     # -- batch sizes: train_batch_size = micro x accumulation x world
     micro = ds.get("train_micro_batch_size_per_gpu")
     gas = ds.get("gradient_accumulation_steps")
@@ -255,6 +302,125 @@ def _model_config(cfg: RunConfig, vocab_size: int | None, max_seq_len: int, worl
     return mc
 
 
+def _check_shards(cfg: RunConfig, tokenizer_vocab: int | None, model_vocab: int) -> None:
+    """Shard headers, sizes and token ids (and checksums with data.verify_checksums), before the
+    model is built: a corrupt shard would otherwise fail mid-run, after DeepSpeed started."""
+    from pretrain.data import check_shards
+
+    d = cfg.data
+    limit = model_vocab if tokenizer_vocab is None else min(tokenizer_vocab, model_vocab)
+    check_shards(d.shard_dir, [d.train_split, d.val_split], limit, verify_checksums=d.verify_checksums)
+
+
+def _check_init_weights(init_from: str) -> None:
+    """An init_from folder needs weights beside its config.json (found now, not after DeepSpeed starts)."""
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    found = [n for n in names if os.path.isfile(os.path.join(init_from, n))]
+    if not found:
+        raise ValueError(f"model.init_from '{init_from}' has a config.json but no weights ({', '.join(names)}): "
+                         "put the model's weights there, or drop init_from to train from scratch.")
+    if found[0].endswith(".index.json"):
+        with open(os.path.join(init_from, found[0]), encoding="utf-8") as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        missing = [n for n in shards if not os.path.isfile(os.path.join(init_from, n))]
+        if missing or not shards:
+            raise ValueError(f"model.init_from '{init_from}': {found[0]} lists weight files that are missing "
+                             f"({', '.join(missing[:3]) or 'none listed'}): copy the complete model folder.")
+
+
+# BertPkmConfig keys that describe the saving library, not the model
+_CONFIG_KEYS_NOT_COMPARED = {"transformers_version", "architectures", "torch_dtype", "dtype", "name_or_path"}
+
+
+def _check_resume_matches(ckpt_dir: str, cfg: RunConfig, model_config: Any) -> None:
+    """The checkpoint must continue this very model on this very data: compare its model config, its
+    data fingerprint (shard checksums) and its data position (sample count and seed) with the run's,
+    before DeepSpeed starts and before the run folder's run_config.json is rewritten."""
+    from pkm.configuration import BertPkmConfig
+    from pretrain.checkpoint import load_train_state_file
+    from pretrain.data import MLMDataset
+
+    model_dir = os.path.join(ckpt_dir, "model")
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        saved = BertPkmConfig.from_pretrained(model_dir).to_dict()
+        now = model_config.to_dict()
+        differ = [k for k in sorted(set(saved) | set(now)) if not k.startswith("_")
+                  and k not in _CONFIG_KEYS_NOT_COMPARED and saved.get(k) != now.get(k)]
+        if differ:
+            shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in differ[:4])
+            raise ValueError(f"the checkpoint to resume ({ckpt_dir}) holds another model ({shown}): resume with the "
+                             "run's model settings (its run_config.json), or start a new run in another train.out_dir.")
+    d = cfg.data
+    data_file = os.path.join(ckpt_dir, "data.json")  # checkpoints written before it existed lack it
+    if os.path.isfile(data_file):
+        from pretrain.data import data_fingerprint
+
+        with open(data_file, encoding="utf-8") as f:
+            saved_data = json.load(f)
+        if saved_data.get("train_fingerprint") != data_fingerprint(d.shard_dir, d.train_split):
+            raise ValueError(
+                f"the checkpoint to resume ({ckpt_dir}) was trained on other data: the shards of split "
+                f"'{d.train_split}' in '{d.shard_dir}' (their checksums, or the tokenizer) differ from the ones it was "
+                "trained on. Resume with the run's data.shard_dir, or start a new run in another train.out_dir.")
+    sampler = load_train_state_file(os.path.join(ckpt_dir, "train_state", "rank_00000.pt")).get("sampler", {})
+    num_samples = len(MLMDataset(d.shard_dir, split=d.train_split, max_seq_len=d.max_seq_len, packing=d.packing,
+                                 mask_prob=d.mlm_probability, whole_word_masking=d.whole_word_masking,
+                                 seed=cfg.train.seed))
+    if sampler and (sampler.get("num_samples") != num_samples or sampler.get("seed") != cfg.train.seed):
+        raise ValueError(
+            f"the checkpoint to resume ({ckpt_dir}) was trained on other data or with another seed "
+            f"({sampler.get('num_samples')} samples, seed {sampler.get('seed')}; now {num_samples}, {cfg.train.seed}): "
+            "resume with the same data.shard_dir, data.max_seq_len, data.packing and train.seed.")
+
+
+def _checkpoint_to_resume(t: Any, world_size: int, rank: int) -> str | None:
+    """The checkpoint folder this run continues from (None: a new run), checked to be intact and
+    written by as many ranks. ``train.resume_from`` names one; ``train.resume`` takes the newest
+    intact one in out_dir, skipping damaged ones with a warning."""
+    from pretrain.checkpoint import (checkpoint_problems, checkpoint_root, latest_checkpoint, list_checkpoints,
+                                     read_meta)
+
+    root = checkpoint_root(t.out_dir)
+    found = list_checkpoints(root)
+    if t.resume_from:
+        chosen = t.resume_from
+        if not os.path.isfile(os.path.join(chosen, "meta.json")):
+            raise ValueError(f"train.resume_from '{chosen}' is not a checkpoint folder (a checkpoints/step_N folder "
+                             "with meta.json): fix the path.")
+        problems = checkpoint_problems(chosen)
+        if problems:
+            raise ValueError(f"train.resume_from '{chosen}' is damaged ({'; '.join(problems[:3])}): choose another "
+                             f"checkpoints/step_N folder.")
+        step = read_meta(chosen)["step"]
+        newer = [p for s, p in found if s > step and os.path.realpath(p) != os.path.realpath(chosen)
+                 and not checkpoint_problems(p)]
+        if newer:
+            raise ValueError(f"train.resume_from '{chosen}' is at step {step} but '{root}' holds the newer "
+                             f"checkpoint(s) {', '.join(os.path.basename(p) for p in newer)}, which the resumed run "
+                             "would be mixed up with: move them out of that folder, or set train.out_dir to a new folder.")
+    elif not t.resume:
+        if found:
+            raise ValueError(f"train.out_dir '{t.out_dir}' already holds checkpoints (latest: {found[-1][1]}): pass "
+                             "--resume to continue that run, or choose another train.out_dir.")
+        return None
+    else:
+        warn = (lambda msg: print(f"warning: {msg}", file=sys.stderr)) if rank == 0 else None
+        chosen = latest_checkpoint(t.out_dir, warn=warn) if os.path.isdir(t.out_dir) else None
+        if chosen is None and found:
+            raise ValueError(f"train.resume is set but all {len(found)} checkpoint(s) in '{root}' are damaged (see the "
+                             "warnings): start a new run in another train.out_dir.")
+        if chosen is None:
+            raise ValueError(f"train.resume is set but '{root}' holds no complete checkpoint: "
+                             "drop --resume to start a new run, or fix train.out_dir.")
+    saved_world = read_meta(chosen).get("world_size")
+    if saved_world != world_size:
+        raise ValueError(
+            f"the checkpoint to resume ({chosen}) was written by {saved_world} ranks but this run has "
+            f"{world_size}: DeepSpeed's ZeRO optimizer state is partitioned per rank, so resume with "
+            f"{saved_world} ranks (the value shards alone could be re-cut, the dense optimizer state cannot).")
+    return chosen
+
+
 def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: list[tuple[str, Any]],
                 ds_overrides: list[tuple[str, Any]] | None = None, world_size: int | None = None,
                 on_gpu: bool | None = None) -> PreparedRun:
@@ -309,31 +475,17 @@ def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: lis
         if not os.path.isdir(cfg.model.init_from) or not os.path.isfile(os.path.join(cfg.model.init_from, "config.json")):
             raise ValueError(f"model.init_from '{cfg.model.init_from}' is not a Hugging Face model folder "
                              "(config.json + weights): fix the path or drop init_from to train from scratch.")
+        _check_init_weights(cfg.model.init_from)
         if tok_dir is None:
             tok_dir = cfg.model.init_from
     model_config = _model_config(cfg, vocab_size, d.max_seq_len, world_size)
+    _check_shards(cfg, vocab_size, model_config.vocab_size)
 
     # -- output folder / resume
-    from pretrain.checkpoint import checkpoint_root, latest_checkpoint
-
     t = cfg.train
-    existing = latest_checkpoint(t.out_dir) if os.path.isdir(t.out_dir) else None
-    resume_from = None
-    if t.resume:
-        if existing is None:
-            raise ValueError(f"train.resume is set but '{checkpoint_root(t.out_dir)}' holds no complete checkpoint: "
-                             "drop --resume to start a new run, or fix train.out_dir.")
-        resume_from = existing
-        with open(os.path.join(existing, "meta.json"), encoding="utf-8") as f:
-            saved_world = json.load(f).get("world_size")
-        if saved_world != world_size:
-            raise ValueError(
-                f"the checkpoint to resume ({existing}) was written by {saved_world} ranks but this run has "
-                f"{world_size}: DeepSpeed's ZeRO optimizer state is partitioned per rank, so resume with "
-                f"{saved_world} ranks (the value shards alone could be re-cut, the dense optimizer state cannot).")
-    elif existing is not None:
-        raise ValueError(f"train.out_dir '{t.out_dir}' already holds checkpoints (latest: {existing}): pass "
-                         "--resume to continue that run, or choose another train.out_dir.")
+    resume_from = _checkpoint_to_resume(t, world_size, rank)
+    if resume_from:
+        _check_resume_matches(resume_from, cfg, model_config)
     if t.debug_kill_after_step and t.ckpt_every and t.debug_kill_after_step % t.ckpt_every:
         raise ValueError("train.debug_kill_after_step must be a multiple of train.ckpt_every (the kill follows a checkpoint).")
     return PreparedRun(cfg, ds, model_config, tok_dir, world_size, rank, local_rank, resume_from)
@@ -463,10 +615,15 @@ def main(argv: list[str] | None = None) -> int:
     _single_process_env()
     import torch.distributed as dist
 
+    from pretrain.trainer import TrainingDiverged
+
     try:
         run(prep)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # gloo can abort a rank whose peer tears the group down under it
+    except TrainingDiverged as e:  # every rank raises it at the same step (the streak is all-reduced)
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -505,11 +662,14 @@ def launch(config: str | RunConfig | dict[str, Any], ds_config: str, num_procs: 
                *overrides]
         child_env = {**os.environ, **(env or {})}
         child_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + child_env.get("PYTHONPATH", "")
+        from pretrain.launch_signals import wait_passing_on_sigterm  # SIGTERM: the ranks save first
+
         if log_file:
             with open(log_file, "w", encoding="utf-8") as f:
-                rc = subprocess.call(cmd, env=child_env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+                rc = wait_passing_on_sigterm(subprocess.Popen(cmd, env=child_env, stdout=f, stderr=subprocess.STDOUT,
+                                                              cwd=REPO_ROOT))
         else:
-            rc = subprocess.call(cmd, env=child_env, cwd=REPO_ROOT)
+            rc = wait_passing_on_sigterm(subprocess.Popen(cmd, env=child_env, cwd=REPO_ROOT))
     finally:
         if tmp_config is not None:
             os.remove(tmp_config)

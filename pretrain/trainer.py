@@ -45,7 +45,7 @@ from pretrain.logging_utils import MetricsLogger, get_logger
 from pretrain.throughput import flops_per_sequence, non_embedding_params, throughput_metrics
 
 __all__ = ["lr_lambda", "build_engine", "compile_encoder_layers", "model_inputs", "Trainer", "TrainResult",
-           "TrainStream", "ValidationData", "seed_everything"]
+           "TrainStream", "TrainingDiverged", "ValidationData", "seed_everything"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +230,10 @@ class TrainResult:
     final_loss: float | None
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops with an error (main exits non-zero)."""
+
+
 class _StopFlag:
     """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
 
@@ -314,6 +318,10 @@ class Trainer:
         self.state = ckpt.TrainState()
         self.stop = _StopFlag()
         self.last_checkpoint: str | None = None
+        # consecutive steps with a non-finite loss or a skipped update (a device counter: no host
+        # sync per step; read at log and checkpoint steps)
+        self._bad_streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._last_loss_nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
         self._reset_interval()
 
     # -- state ------------------------------------------------------------------------------------
@@ -405,6 +413,7 @@ class Trainer:
             engine.backward(loss)
             engine.step()
         self._value_step(loss_scale)
+        self._note_step_health(loss)
         norm = engine.get_global_grad_norm()
         if norm is not None:
             acc["dense_norm"] += torch.as_tensor(norm, dtype=torch.float64, device=self.device)
@@ -460,6 +469,50 @@ class Trainer:
         if norm is not None:
             acc["value_norm_sum"] += norm.to(self.device)  # (a norm, summed for the interval mean)
             acc["value_steps"] += 1
+
+    # -- divergence -------------------------------------------------------------------------------
+
+    def _note_step_health(self, loss: torch.Tensor) -> None:
+        """Count this step into the streak of bad steps (non-finite loss, or an update the engine
+        skipped for non-finite gradients), or end the streak."""
+        nonfinite = ~torch.isfinite(loss.detach()).all()
+        self._last_loss_nonfinite = nonfinite.to(torch.int64)
+        bad = nonfinite if self.engine.was_step_applied() else torch.ones_like(nonfinite)
+        self._bad_streak = torch.where(bad, self._bad_streak + 1, torch.zeros_like(self._bad_streak))
+
+    def _bad_streak_all_ranks(self) -> int:
+        return int(self._reduce(self._bad_streak.clone(), op=dist.ReduceOp.MAX).item())
+
+    def _stop_if_diverged(self) -> None:
+        """Raise TrainingDiverged once ``train.max_skipped_steps`` steps in a row were bad."""
+        limit = self.cfg.train.max_skipped_steps
+        streak = self._bad_streak_all_ranks()
+        if limit and streak >= limit:
+            raise TrainingDiverged(
+                f"training diverged: the last {streak} steps (up to step {self.state.step}) had a non-finite loss "
+                f"or gradients and were skipped (train.max_skipped_steps={limit}). The last good checkpoint is "
+                f"{self.last_checkpoint or 'none (no checkpoint was written before the divergence)'}: lower "
+                "optim.lr, raise optim.warmup_steps or set optim.grad_clip, then resume from it with --resume "
+                "(or start again).")
+
+    def _state_is_finite(self) -> bool:
+        """False when the last step's loss was non-finite or any floating-point buffer (BatchNorm
+        running statistics) of any rank holds NaN/inf: such a state must not become a checkpoint.
+        (A step skipped for an fp16 overflow alone leaves the weights as they were: it may be saved.)"""
+        buffers = [b for b in self.engine.module.buffers() if b.is_floating_point() and b.numel()]
+        nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        for b in buffers:
+            nonfinite += (~torch.isfinite(b)).any().to(self.device, torch.int64)
+        flags = self._reduce(torch.stack([nonfinite, self._last_loss_nonfinite]), op=dist.ReduceOp.MAX).tolist()
+        return flags == [0, 0]
+
+    def _save_if_finite(self) -> str | None:
+        """Checkpoint unless the state is non-finite (then the last good checkpoint stays latest)."""
+        if self._state_is_finite():
+            return self.save()
+        self.logger.warning(f"step {self.state.step}: not writing a checkpoint, the model state is not finite "
+                            f"(non-finite loss or BatchNorm statistics); the latest stays {self.last_checkpoint}")
+        return None
 
     # -- logging ----------------------------------------------------------------------------------
 
@@ -544,7 +597,8 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.cfg.train.out_dir, self.state.step, self.engine, self.tables, self.value_optimizer,
             self.value_scheduler, self.state, self.rank, self.world_size, self.cfg.train.keep_last_k,
-            extra_files={"run_config.json": config_to_dict(self.cfg), "ds_config.json": self.ds_config},
+            extra_files={"run_config.json": config_to_dict(self.cfg), "ds_config.json": self.ds_config,
+                         "data.json": _data_identity(self.cfg)},
             model_config=self.model_config, tokenizer_dir=self.tokenizer_dir,
         )
         self.last_checkpoint = path
@@ -574,12 +628,17 @@ class Trainer:
                 step = self.state.step
                 if step % t.log_every == 0 or step == t.max_steps:
                     last_metrics = self._log_train()
+                    self._stop_if_diverged()
                 t_other = time.perf_counter()
                 if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
                     self.evaluate()
                 stop = self._stop_requested()
                 if (t.ckpt_every and step % t.ckpt_every == 0) or stop or step == t.max_steps:
-                    self.save()
+                    if self._save_if_finite() is None and step == t.max_steps:
+                        raise TrainingDiverged(
+                            f"the run reached train.max_steps ({step}) with a non-finite loss or BatchNorm "
+                            f"statistics, so no final checkpoint was written; the last good checkpoint is "
+                            f"{self.last_checkpoint}: lower optim.lr or raise optim.warmup_steps and resume from it.")
                 self._interval_excluded_s += time.perf_counter() - t_other
                 if t.debug_kill_after_step and step == t.debug_kill_after_step:
                     # tests: die like a preempted node right after a complete checkpoint
@@ -627,6 +686,13 @@ def _mlm_hits(logits: torch.Tensor, labels: torch.Tensor,
     else:
         target = labels[labels != -100]  # [M]; a boolean index syncs on a GPU
     return (logits.argmax(-1) == target).sum(), target.numel()
+
+
+def _data_identity(cfg: RunConfig) -> dict[str, str]:
+    """What a resume checks the data against (pretrain.main): the training split's fingerprint."""
+    from pretrain.data import data_fingerprint
+
+    return {"train_fingerprint": data_fingerprint(cfg.data.shard_dir, cfg.data.train_split)}
 
 
 def _short(module_path: str) -> str:

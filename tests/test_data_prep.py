@@ -319,3 +319,50 @@ def test_fast_encoder_matches_tokenizer_exactly():
     expected = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
     assert lengths.tolist() == [len(ids) for ids in expected]
     assert tokens.tolist() == [i for ids in expected for i in ids]
+
+
+# ------------------------------------------------------------------ the output folder: only our own files
+
+TOKENIZER_NOTE = "tokenizer/NOTES.md"  # a user's file inside the tokenizer folder data prep writes
+
+def test_a_foreign_folder_is_refused_and_its_files_kept(tmp_path, corpus):
+    files, _ = corpus
+    out = tmp_path / "model_dir"
+    out.mkdir()
+    (out / "pytorch_model.bin").write_bytes(b"weights")
+    with pytest.raises(ValueError, match=r"is not empty and holds no data prep output \(pytorch_model.bin\)"):
+        prepare(files, out, tokenizer=MINILM, workers=0, progress=False)
+    assert (out / "pytorch_model.bin").read_bytes() == b"weights"
+    assert sorted(p.name for p in out.iterdir()) == ["pytorch_model.bin"]
+
+
+def test_overwrite_and_resume_remove_only_files_data_prep_wrote(tmp_path, corpus):
+    files, _ = corpus
+    out = tmp_path / "o"
+    prepare(files, out, tokenizer=MINILM, workers=0, progress=False, shard_tokens=300)
+    (out / "notes.bin").write_bytes(b"mine")            # a user's files beside the shards
+    (out / "train_extra.idx").write_bytes(b"mine too")
+    (out / TOKENIZER_NOTE).write_text("keep")
+    prepare(files, out, tokenizer=MINILM, workers=0, progress=False, seed=7, overwrite=True)
+    assert (out / "notes.bin").read_bytes() == b"mine" and (out / "train_extra.idx").is_file()
+    assert (out / TOKENIZER_NOTE).read_text() == "keep"
+    assert open_split(out, "train")  # the new output is complete
+
+
+def test_empty_input_is_an_error_and_leaves_nothing(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n", encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"the inputs hold no documents \(1 file\(s\) read"):
+        prepare(empty, out, tokenizer=MINILM, workers=0, progress=False)
+    assert not out.exists()
+    assert cli_main(["prepare", str(empty), "--out", str(out), "--tokenizer", MINILM, "--workers", "0",
+                     "--no-progress"]) == 2
+
+
+def test_bad_tokenizer_path_leaves_no_folder(tmp_path, corpus):
+    files, _ = corpus
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="neither a folder nor a tokenizer.json"):
+        prepare(files, out, tokenizer=tmp_path / "no_such_tokenizer", workers=0, progress=False)
+    assert not out.exists()
