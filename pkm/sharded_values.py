@@ -75,7 +75,6 @@ __all__ = [
     "column_bounds",
     "data_parallel_grad_scale",
     "attach_sharded_values",
-    "values_grad_sq_norm",
 ]
 
 GradReduction = Literal["mean", "sum"]
@@ -155,7 +154,7 @@ class ShardedValueTable(ValueTable):
     ``sparse_grad`` is the row-sparse grad of that shard, summed over all ranks' tokens and multiplied
     by ``grad_scale`` (1/P for ``grad_reduction="mean"``, 1 for ``"sum"``). ``forward`` returns the
     calling rank's own tokens at full width ``dim``. ``grad_sq_norm`` is local to the shard: the
-    global squared norm is the sum over the group (``values_grad_sq_norm`` does that all-reduce).
+    global squared norm is the sum over the group (``pkm.value_step.global_grad_norm`` does that all-reduce).
 
     ``init="normal"`` draws each column from its own generator seeded by (seed, column), so the full
     table is the same for every P (a 2-rank and a 3-rank run start from identical values).
@@ -385,25 +384,3 @@ def attach_sharded_values(
         memory.attach_values(table)
         tables[name] = table
     return tables
-
-
-def values_grad_sq_norm(tables: Iterable[ValueTable]) -> torch.Tensor:
-    """Squared L2 norm of the value grads of whole tables (0-dim fp32): local tables as they are,
-    sharded ones summed over their group (one all-reduce per group; every rank must call it).
-    For clipping: add the dense grads' squared norm and take the square root."""
-    tables = list(tables)
-    if not tables:
-        raise ValueError("values_grad_sq_norm needs at least one table.")
-    total = torch.zeros((), dtype=torch.float32, device=tables[0].weight.device)
-    by_group: dict[int, tuple[dist.ProcessGroup | None, torch.Tensor]] = {}
-    for t in tables:
-        norm = t.grad_sq_norm().to(total.device)
-        if isinstance(t, ShardedValueTable) and t.world_size > 1:
-            group, acc = by_group.get(id(t.group), (t.group, torch.zeros_like(total)))
-            by_group[id(t.group)] = (group, acc + norm)
-        else:
-            total = total + norm
-    for group, acc in by_group.values():
-        dist.all_reduce(acc, group=group)
-        total = total + acc
-    return total

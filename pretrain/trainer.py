@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
+from pkm.value_step import step_values
 from pretrain import checkpoint as ckpt
 from pretrain.config import OptimConfig, RunConfig, config_to_dict
 from pretrain.evaluate import ValidationData, evaluate_mlm
@@ -431,43 +432,23 @@ class Trainer:
                 t.zero_grad()
             acc["skipped"] += 1
             return
-        if loss_scale != 1.0:
-            for t in tables:
-                t.scale_grad_(1.0 / loss_scale)
-        clip = self.cfg.optim.value_grad_clip
         step = self.state.step + 1
-        # The global norm costs a pass over the touched rows and an all-reduce: only when clipping,
-        # checking fp16 overflow, or logging needs it.
-        need_norm = clip > 0 or self.fp16 or step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
-        norm = None
-        if need_norm:
-            sq = torch.zeros((), dtype=torch.float64, device=self.device)
-            for t in tables:
-                sq += t.grad_sq_norm().to(sq.device, torch.float64)  # local shard's part; 0 without a grad
-            if self.world_size > 1:
-                dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)  # shards hold disjoint columns
-            norm = sq.sqrt()
-        if clip > 0:
-            # min(1, clip / norm) as a tensor: no host sync on the hot path
-            factor = torch.clamp(clip / (norm + 1e-6), max=1.0).to(torch.float32)
-            for t in tables:
+        log_step = step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
+
+        def mark_touched_rows(tables) -> None:
+            for t, tracker in zip(tables, self.staleness):
                 if t.sparse_grad is not None:
-                    t.sparse_grad.values.mul_(factor.to(t.sparse_grad.values.device))
-        if self.fp16:
-            # the engine saw no overflow in the dense grads; an overflow in the value grads alone
-            # must not write inf into the tables (one sync, fp16 only)
-            if not bool(torch.isfinite(norm)):
-                for t in tables:
-                    t.zero_grad()
-                acc["skipped"] += 1
-                return
-        for t, tracker in zip(tables, self.staleness):
-            if t.sparse_grad is not None:
-                tracker.mark_updated(t.sparse_grad.rows, step)  # before SparseAdam clears the grad
-        self.value_optimizer.step()
+                    tracker.mark_updated(t.sparse_grad.rows, step)
+
+        result = step_values(tables, self.value_optimizer, loss_scale=loss_scale,
+                             max_norm=self.cfg.optim.value_grad_clip, need_norm=log_step,
+                             skip_nonfinite=self.fp16, before_update=mark_touched_rows)
+        if not result.applied:
+            acc["skipped"] += 1
+            return
         self.value_scheduler.step()
-        if norm is not None:
-            acc["value_norm_sum"] += norm.to(self.device)  # (a norm, summed for the interval mean)
+        if result.norm is not None:
+            acc["value_norm_sum"] += result.norm.to(self.device)  # (a norm, summed for the interval mean)
             acc["value_steps"] += 1
 
     # -- divergence -------------------------------------------------------------------------------

@@ -248,7 +248,8 @@ def _sharded_scenario(rank: int, full: torch.Tensor, batches: list) -> dict:
     step; once with the kernels and once with the torch path, on the same ranks."""
     import torch.distributed as dist
 
-    from pkm.sharded_values import ShardedValueTable, values_grad_sq_norm
+    from pkm.sharded_values import ShardedValueTable
+    from pkm.value_step import global_grad_norm
 
     group = dist.new_group([0, 1])
     out = {}
@@ -266,7 +267,7 @@ def _sharded_scenario(rank: int, full: torch.Tensor, batches: list) -> dict:
             res["w_grad"].append(w.grad)
         res["rows"] = table.sparse_grad.rows.clone()
         res["grad"] = table.sparse_grad.values.clone()
-        res["norm"] = values_grad_sq_norm([table])
+        res["norm"] = global_grad_norm([table])
         opt.step()
         res["weight"] = table.weight.detach().clone()
         out[flag] = res
