@@ -305,11 +305,19 @@ def test_cli_reports_a_bad_shard_before_deepspeed_starts(shard_copy, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+def _tiny_memory_with(**changes) -> list[str]:
+    """CLI overrides of the tiny memory with some fields changed (fields a model.memory section
+    leaves out take MemoryConfig's defaults, not the preset's)."""
+    from tests.test_pretrain import TINY_MEMORY
+
+    return [f"--model.memory.{k}={json.dumps(v)}" for k, v in {**TINY_MEMORY, **changes}.items()]
+
+
 def test_resume_with_another_model_or_data_fails_before_the_run(tiny_run, shard_dir, tmp_path):
     out = copy_run(tiny_run, str(tmp_path / "run"))
     assert _prep(shard_dir, out, "--resume").resume_from.endswith("step_00000002")
     with pytest.raises(ValueError, match=r"holds another model \(mem_n_keys: checkpoint 16, now 8\)"):
-        _prep(shard_dir, out, "--resume", '--model.overrides={"mem_n_keys": 8}')
+        _prep(shard_dir, out, "--resume", *_tiny_memory_with(n_keys=8))
     with pytest.raises(ValueError, match="trained on other data or with another seed"):
         _prep(shard_dir, out, "--resume", "--data.max_seq_len=32")
     with pytest.raises(ValueError, match="seed 11; now .*, 12"):
@@ -320,7 +328,7 @@ def test_rejected_resume_leaves_the_run_config_alone(tiny_run, tmp_path):
     out = copy_run(tiny_run, str(tmp_path / "run"))
     with open(os.path.join(out, "run_config.json"), "rb") as f:
         before = f.read()
-    p = resume(out, tiny_run["cfg"], '--model.overrides={"mem_n_keys": 8}')
+    p = resume(out, tiny_run["cfg"], *_tiny_memory_with(n_keys=8))
     assert p.returncode == 2 and "holds another model" in p.stderr
     assert "[pretrain] model:" not in p.stdout + p.stderr  # nothing was built
     with open(os.path.join(out, "run_config.json"), "rb") as f:
