@@ -16,7 +16,7 @@ import torch
 
 from finetune.batching import Rows, eval_loader, steps_per_epoch, train_loader_factory
 from finetune.config import FinetuneConfig
-from finetune.metrics import squad_evaluate, task_score
+from finetune.metrics import squad_evaluate, squad_evaluate_v1, task_score
 from finetune.squad_data import gold_answers, load_squad
 from finetune.squad_features import check_lengths, postprocess_predictions, prepare_features
 from finetune.tasks import SquadTask, get_task
@@ -73,7 +73,11 @@ def run_squad_config(cfg: FinetuneConfig) -> dict[str, Any]:
     preds, null_odds, nbest = postprocess_predictions(
         dev_ds["id"], dev_ds["context"], dev_feats, start, end, task.version_2,
         cfg.n_best_size, cfg.max_answer_length, cfg.null_score_diff_threshold)
-    metrics = squad_evaluate(gold_answers(dev_ds), preds, null_odds if task.version_2 else None)
+    # Each version is scored by its own official script (they differ on empty-normalising golds).
+    if task.version_2:
+        metrics = squad_evaluate(gold_answers(dev_ds), preds, null_odds)
+    else:
+        metrics = squad_evaluate_v1(gold_answers(dev_ds), preds)
 
     with open(os.path.join(cfg.output, "predictions.json"), "w", encoding="utf-8") as f:
         json.dump(preds, f, indent=2, ensure_ascii=False)
