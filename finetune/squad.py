@@ -16,6 +16,7 @@ import torch
 
 from finetune.batching import Rows, eval_loader, steps_per_epoch, train_loader_factory
 from finetune.config import FinetuneConfig
+from finetune.data_issues import DataIssues
 from finetune.metrics import squad_evaluate, squad_evaluate_v1, task_score
 from finetune.squad_data import gold_answers, load_squad
 from finetune.squad_features import check_lengths, postprocess_predictions, prepare_features
@@ -52,7 +53,8 @@ def run_squad_config(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ValueError(f"{cfg.task} is not a SQuAD task; use finetune.run_glue_task.")
     cfg.validate()
     check_lengths(cfg.max_seq_length, cfg.max_query_length, cfg.doc_stride)
-    data = load_squad(task, cfg.data)
+    issues = DataIssues()
+    data = load_squad(task, cfg.data, issues=issues)
     device, tokenizer, pad_id = start_run(cfg, data, ["validation"])
     train_ds, dev_ds = data["train"], data["validation"]
     train_feats = prepare_features(tokenizer, train_ds["question"], train_ds["context"],
@@ -97,7 +99,7 @@ def run_squad_config(cfg: FinetuneConfig) -> dict[str, Any]:
         "num_train_examples": len(train_ds), "num_train_features": len(train_feats),
         "num_dev_examples": {"validation": len(dev_ds)}, "num_dev_features": len(dev_feats),
         "device": str(device), **summary, "runtime_s": time.time() - t_start,
-        "config": cfg.to_dict(),
+        "config": cfg.to_dict(), "data_issues": issues.to_dict(),
     }
     write_json_atomic(os.path.join(cfg.output, "result.json"), result)
     log.info("%s: %s", task.name, metrics)

@@ -1,11 +1,14 @@
 """GLUE / SQuAD loaders on fixtures in the exact official formats (tests/fixtures/glue, .../squad).
 Nothing here touches the network: a local folder is always passed."""
+import json
 import os
+import re
 import shutil
 
 import pytest
 
 from finetune import glue_data, squad_data
+from finetune.data_issues import DataIssues
 from finetune.tasks import GLUE_TASKS, canonical_task_name, get_task
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -163,3 +166,73 @@ def test_hub_path_without_network(monkeypatch):
         glue_data.load_glue(GLUE_TASKS["sst2"])
     with pytest.raises(ValueError, match="train-v1.1.json"):
         squad_data.load_squad(get_task("squad"))
+
+
+# --------------------------------------------------------------- SQuAD: offsets and file errors
+
+
+def _write_shifted_squad(tmp_path, shift):
+    """A copy of the v1.1 train fixture with every answer_start moved by `shift` characters."""
+    doc = json.load(open(os.path.join(SQUAD, "train-v1.1.json"), encoding="utf-8"))
+    for art in doc["data"]:
+        for para in art["paragraphs"]:
+            for qa in para["qas"]:
+                for a in qa["answers"]:
+                    a["answer_start"] += shift
+    shutil.copy(os.path.join(SQUAD, "dev-v1.1.json"), tmp_path / "dev-v1.1.json")
+    with open(tmp_path / "train-v1.1.json", "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+    return str(tmp_path / "train-v1.1.json")
+
+
+def test_squad_shifted_answer_starts_are_repaired_and_counted(tmp_path):
+    path = _write_shifted_squad(tmp_path, 7)
+    issues = DataIssues()
+    ds = squad_data.load_squad(get_task("squad"), str(tmp_path), issues=issues)
+    original = squad_data.load_squad(get_task("squad"), SQUAD)
+    assert ds["train"]["answers"] == original["train"]["answers"]       # back at the true spans
+    n_answers = sum(len(a["text"]) for a in original["train"]["answers"])
+    assert issues.answer_start_repairs == {path: n_answers}
+    # the unshifted files need no repair
+    clean = DataIssues()
+    squad_data.load_squad(get_task("squad"), SQUAD, issues=clean)
+    assert clean.to_dict() == {}
+
+
+def test_squad_answer_start_far_off_names_file_and_question(tmp_path):
+    path = _write_shifted_squad(tmp_path, 100)
+    with pytest.raises(ValueError, match=rf"{re.escape(path)}: question \w+: answer .* is not at"):
+        squad_data.load_squad(get_task("squad"), str(tmp_path))
+
+
+def test_squad_features_refuse_a_wrong_answer_start():
+    from finetune.squad_features import prepare_features
+    from finetune.testing import make_tokenizer
+
+    tok = make_tokenizer(["the cat sat on the mat", "where"])
+    with pytest.raises(ValueError, match="answer_start 3 does not point at its answer 'mat'"):
+        prepare_features(tok, ["where"], ["the cat sat on the mat"],
+                         [{"text": ["mat"], "answer_start": [3]}], 32, 8, 8)
+
+
+def test_squad_json_errors_name_the_file(tmp_path):
+    whole = open(os.path.join(SQUAD, "train-v1.1.json"), encoding="utf-8").read()
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(whole[: len(whole) // 2], encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(truncated))} is not valid JSON.*truncated"):
+        squad_data.read_squad_json(str(truncated))
+
+    doc = json.loads(whole)
+    del doc["data"][1]["paragraphs"]
+    no_paragraphs = tmp_path / "no_paragraphs.json"
+    no_paragraphs.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(no_paragraphs))}: article 1 has no 'paragraphs'"):
+        squad_data.read_squad_json(str(no_paragraphs))
+
+    doc = json.loads(whole)
+    del doc["data"][0]["paragraphs"][0]["qas"][1]["question"]
+    qid = doc["data"][0]["paragraphs"][0]["qas"][1]["id"]
+    no_question = tmp_path / "no_question.json"
+    no_question.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(no_question))}: question {qid} has no 'question'"):
+        squad_data.read_squad_json(str(no_question))
