@@ -239,13 +239,6 @@ def missing_test_files(task: GlueTask, data_dir: str) -> list[str]:
     return [p for p in paths if not os.path.isfile(p)]
 
 
-def check_header(task: GlueTask, path: str) -> None:
-    """Cheap format check of one file (its first line), for validating a sweep before any run."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        first = next(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), [])
-    parse_glue_rows(task, [(1, first)], path)
-
-
 def load_glue_local(task: GlueTask, data_dir: str, need_train: bool = True,
                     skip_malformed: bool = False, issues: DataIssues | None = None
                     ) -> datasets.DatasetDict:

@@ -237,23 +237,24 @@ def detect_devices(devices: str | list[str] | None, device_option: str | None) -
 
 def _validate_data(tasks: list[str], data_for: dict[str, str | None],
                    configs: dict[Run, FinetuneConfig]) -> None:
-    """Fail before the first run when a local data folder lacks a file a run of the grid needs
-    (GLUE: train and dev, with their headers checked; SQuAD: train and dev JSON). Missing test
-    files only mean no test predictions: a warning now, not after hours of runs."""
+    """Read every local file the grid's runs need once, before the first run, so a missing or
+    damaged file (GLUE train/dev, SQuAD train/dev JSON) is one clear error now rather than a
+    failure in every run. Missing test files only mean no test predictions: a warning."""
     from finetune import glue_data, squad_data
     for name in tasks:
         task, folder = get_task(name), data_for.get(name)
         if folder is None:
-            continue
+            continue                                   # the hub: nothing local to check
+        task_cfgs = [c for r, c in configs.items() if r.task == name]
         if task.is_glue:
-            for path in glue_data.split_files(task, folder).values():
-                glue_data.check_header(task, path)
-            predicts = any(c.predict_test for r, c in configs.items() if r.task == name)
-            for path in glue_data.missing_test_files(task, folder) if predicts else []:
-                log.warning("%s not found: the %s runs write no test predictions from it", path, name)
+            for skip in sorted({c.skip_malformed_rows for c in task_cfgs}):
+                glue_data.load_glue(task, folder, skip_malformed=skip)
+            if any(c.predict_test for c in task_cfgs):
+                for path in glue_data.missing_test_files(task, folder):
+                    log.warning("%s not found: the %s runs write no test predictions from it",
+                                path, name)
         else:
-            for split in ("train", "validation"):
-                squad_data.resolve_squad_file(task, folder, split)
+            squad_data.load_squad(task, folder)
 
 
 def _refuse_mismatches(output: str, configs: dict[Run, FinetuneConfig], states: dict[Run, str]

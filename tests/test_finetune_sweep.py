@@ -248,6 +248,21 @@ def test_prevalidation_checks_every_file_a_run_needs(setup, tmp_path, monkeypatc
     with pytest.raises(ValueError, match=r"RTE/train.tsv: the header .* is this the official GLUE RTE"):
         sweep.run_sweep(model, str(tmp_path / "o"), ["sst2", "rte"], [1e-3], [1], data=str(glue),
                         options={"device": "cpu"}, progress=False)
+    # a malformed row in a train file: its line, before any run
+    shutil.copy(os.path.join(FIX_GLUE, "RTE", "train.tsv"), glue / "RTE" / "train.tsv")
+    with open(glue / "RTE" / "train.tsv", "a", encoding="utf-8") as f:
+        f.write("99\tA premise.\tA hypothesis.\tmaybe\n")
+    with pytest.raises(ValueError, match=r"RTE/train.tsv, line 5: unknown label 'maybe'"):
+        sweep.run_sweep(model, str(tmp_path / "o"), ["sst2", "rte"], [1e-3], [1], data=str(glue),
+                        options={"device": "cpu"}, progress=False)
+    # SQuAD: a truncated training file is named before any run
+    squad = tmp_path / "squad"
+    shutil.copytree(os.path.join(os.path.dirname(FIX_GLUE), "squad"), squad)
+    text = (squad / "train-v1.1.json").read_text(encoding="utf-8")
+    (squad / "train-v1.1.json").write_text(text[:-40], encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train-v1.1.json is not valid JSON"):
+        sweep.run_sweep(model, str(tmp_path / "o"), ["squad"], [1e-3], [1], squad_data=str(squad),
+                        options={"device": "cpu"}, progress=False)
     assert not calls and not os.path.exists(tmp_path / "o")
 
 
