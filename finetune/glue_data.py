@@ -60,11 +60,6 @@ _COLUMN_MAPS: dict[str, dict[str, str]] = {
 }
 
 
-def read_tsv(path: str) -> list[list[str]]:
-    """All rows of a GLUE TSV, quoting off. utf-8-sig drops MRPC's byte-order mark."""
-    return [row for _, row in read_tsv_lines(path)]
-
-
 def read_tsv_lines(path: str) -> list[tuple[int, list[str]]]:
     """(line number, row) for every non-blank line of a GLUE TSV (quoting off, BOM dropped)."""
     try:

@@ -225,8 +225,9 @@ def find_best_thresh(preds: Mapping[str, str], scores: Mapping[str, float],
 def squad_evaluate(gold: Mapping[str, Sequence[str]], preds: Mapping[str, str],
                    na_probs: Mapping[str, float] | None = None, na_prob_thresh: float = 1.0
                    ) -> dict[str, float]:
-    """The official evaluate-v2.0 output (for v1.1 data use squad_evaluate_v1): exact, f1, total, HasAns_*/NoAns_* and, when na_probs
-    (the null odds) are given, best_exact / best_f1 with their thresholds. Scores are in %."""
+    """The official evaluate-v2.0 output (for v1.1 data use squad_evaluate_v1): exact, f1, total,
+    HasAns_*/NoAns_* and, when na_probs (the null odds) are given, best_exact / best_f1 with their
+    thresholds. Scores are in %."""
     if not gold:
         raise ValueError("squad_evaluate needs at least one gold question.")
     # As make_qid_to_has_ans: a question with gold answers "has an answer" even when all of them

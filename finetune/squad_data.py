@@ -76,9 +76,10 @@ def _answer_columns(qa: dict, path: str, where: str) -> dict[str, list]:
     return {"text": texts, "answer_start": starts}
 
 
-def read_squad_json(path: str, issues: DataIssues | None = None) -> datasets.Dataset:
+def read_squad_json(path: str, issues: DataIssues | None = None, strict: bool = True
+                    ) -> datasets.Dataset:
     """The questions of an official SQuAD file as flat rows, answer_start checked (see
-    check_answer_starts). Errors name the file and where in it."""
+    check_answer_starts; strict for a training file). Errors name the file and where in it."""
     doc = _load_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise ValueError(f"{path} is not an official SQuAD file (no top-level 'data' list).")
@@ -95,8 +96,8 @@ def read_squad_json(path: str, issues: DataIssues | None = None) -> datasets.Dat
                 rows["context"].append(context)
                 rows["question"].append(_field(qa, "question", str, path, where_q))
                 rows["answers"].append(_answer_columns(qa, path, where_q))
-    repairs = check_answer_starts(rows["id"], rows["context"], rows["answers"], path)
-    _count_repairs(repairs, path, issues)
+    counts = check_answer_starts(rows["id"], rows["context"], rows["answers"], path, strict)
+    _report_offsets(*counts, path, issues)
     return datasets.Dataset.from_dict(rows, features=_FEATURES)
 
 
@@ -113,17 +114,22 @@ def _nearest_occurrence(context: str, text: str, start: int, window: int) -> int
 
 
 def check_answer_starts(ids: list[str], contexts: list[str], answers: list[dict], source: str,
-                        window: int = ANSWER_SEARCH_WINDOW) -> int:
+                        strict: bool = True, window: int = ANSWER_SEARCH_WINDOW) -> tuple[int, int]:
     """Make every answer_start point at its answer text: one that does not is moved (in place) to
-    the nearest occurrence of the text within `window` characters; otherwise a ValueError names
-    the file and the question. Returns the number of answers moved. Training labels come from
-    answer_start, so a shifted file would otherwise train silently on wrong spans."""
-    repairs = 0
+    the nearest occurrence of the text within `window` characters. Training labels come from
+    answer_start, so a shifted file would otherwise train silently on wrong spans: when the text
+    is not that close, strict (training data) raises a ValueError naming the file and the
+    question; otherwise (dev data, scored on answer texts only) the offset is left and counted.
+    Returns (answers moved, answers left unmatched)."""
+    repairs = unmatched = 0
     for qid, context, ans in zip(ids, contexts, answers):
         for k, (text, start) in enumerate(zip(ans["text"], ans["answer_start"])):
             if 0 <= start and context[start:start + len(text)] == text:
                 continue
             found = _nearest_occurrence(context, text, start, window)
+            if found is None and not strict:
+                unmatched += 1
+                continue
             if found is None:
                 raise ValueError(
                     f"{source}: question {qid}: answer {text!r} is not at its answer_start {start} "
@@ -132,24 +138,30 @@ def check_answer_starts(ids: list[str], contexts: list[str], answers: list[dict]
                     f"contexts: use the official file.")
             ans["answer_start"][k] = found
             repairs += 1
-    return repairs
+    return repairs, unmatched
 
 
-def _count_repairs(repairs: int, source: str, issues: DataIssues | None) -> None:
-    if not repairs:
-        return
-    log.warning("%s: %d answer_start offsets did not point at their answer text and were moved to "
-                "the nearest occurrence within %d characters", source, repairs, ANSWER_SEARCH_WINDOW)
-    if issues is not None:
-        issues.answer_start_repairs[source] = repairs
+def _report_offsets(repairs: int, unmatched: int, source: str, issues: DataIssues | None) -> None:
+    if repairs:
+        log.warning("%s: %d answer_start offsets did not point at their answer text and were moved "
+                    "to the nearest occurrence within %d characters", source, repairs,
+                    ANSWER_SEARCH_WINDOW)
+        if issues is not None:
+            issues.answer_start_repairs[source] = repairs
+    if unmatched:
+        note = (f"{source}: {unmatched} answers are not within {ANSWER_SEARCH_WINDOW} characters "
+                f"of their answer_start; left as they are (dev answers are scored by their text)")
+        log.warning("%s", note)
+        if issues is not None:
+            issues.notes.append(note)
 
 
-def _check_hub_split(ds: datasets.Dataset, source: str, issues: DataIssues | None
-                     ) -> datasets.Dataset:
+def _check_hub_split(ds: datasets.Dataset, source: str, issues: DataIssues | None,
+                     strict: bool) -> datasets.Dataset:
     answers = [{"text": list(a["text"]), "answer_start": list(a["answer_start"])}
                for a in ds["answers"]]
-    repairs = check_answer_starts(ds["id"], ds["context"], answers, source)
-    _count_repairs(repairs, source, issues)
+    repairs, unmatched = check_answer_starts(ds["id"], ds["context"], answers, source, strict)
+    _report_offsets(repairs, unmatched, source, issues)
     if repairs:
         ds = ds.map(lambda _, i: {"answers": answers[i]}, with_indices=True)
     return ds
@@ -169,21 +181,23 @@ def resolve_squad_file(task: SquadTask, data_dir: str, split: str) -> str:
 def load_squad(task: SquadTask, data_dir: str | None = None, need_train: bool = True,
                issues: DataIssues | None = None) -> datasets.DatasetDict:
     """Splits "train" and "validation". A local folder takes precedence over the hub. Repaired
-    answer_start offsets are counted into `issues`."""
+    answer_start offsets are counted into `issues`; one far from its text is an error in the
+    training split, only counted in the dev split (whose answer_start nothing uses)."""
     splits = (["train"] if need_train else []) + ["validation"]
     if data_dir:
         if not os.path.isdir(data_dir):
             raise ValueError(f"SQuAD data folder {data_dir!r} does not exist; pass --data pointing "
                              f"at a folder holding {task.train_file} and {task.dev_file}.")
         paths = {s: resolve_squad_file(task, data_dir, s) for s in splits}
-        return datasets.DatasetDict({s: read_squad_json(p, issues) for s, p in paths.items()})
+        return datasets.DatasetDict({s: read_squad_json(p, issues, strict=s == "train")
+                                     for s, p in paths.items()})
     try:
         ds = datasets.load_dataset(task.hub_path)
     except Exception as e:
         raise ValueError(f"Could not load {task.hub_path} from the hub: {e}. Offline, pass --data "
                          f"pointing at a folder holding {task.train_file} and {task.dev_file}.") from e
-    return datasets.DatasetDict({s: _check_hub_split(ds[s], f"{task.hub_path} {s}", issues)
-                                 for s in splits})
+    return datasets.DatasetDict({s: _check_hub_split(ds[s], f"{task.hub_path} {s}", issues,
+                                                     strict=s == "train") for s in splits})
 
 
 def gold_answers(dataset: datasets.Dataset) -> dict[str, list[str]]:

@@ -288,6 +288,12 @@ def test_squad_answer_start_far_off_names_file_and_question(tmp_path):
     path = _write_shifted_squad(tmp_path, 100)
     with pytest.raises(ValueError, match=rf"{re.escape(path)}: question \w+: answer .* is not at"):
         squad_data.load_squad(get_task("squad"), str(tmp_path))
+    # In a dev file answer_start is unused (answers are scored by text): counted, not fatal.
+    os.replace(path, tmp_path / "dev-v1.1.json")
+    issues = DataIssues()
+    dev = squad_data.load_squad(get_task("squad"), str(tmp_path), need_train=False, issues=issues)
+    assert len(dev["validation"]) == 5
+    assert len(issues.notes) == 1 and "answers are not within 32 characters" in issues.notes[0]
 
 
 def test_squad_features_refuse_a_wrong_answer_start():
