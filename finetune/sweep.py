@@ -135,7 +135,8 @@ def read_result(run_dir: str) -> dict[str, Any] | None:
 
 def run_key(config: dict[str, Any]) -> dict[str, Any]:
     """What identifies a run's result: every FinetuneConfig field but RUN_KEY_IGNORED, paths made
-    absolute, fields a result.json predates taken at their defaults."""
+    absolute (the model folder is compared by path, not content), fields a result.json predates
+    taken at their defaults."""
     key = {}
     for f in config_fields():
         if f.name in RUN_KEY_IGNORED:
@@ -153,7 +154,7 @@ def run_key(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """'epochs: 1.0 (finished run) -> 4.0 (this sweep)' for every field whose value differs."""
+    """'epochs: 1.0 -> 4.0' (finished run -> wanted) for every run_key field that differs."""
     a, b = run_key(stored), run_key(wanted)
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in b if a.get(k) != b[k]]
 
