@@ -168,9 +168,10 @@ def parse_glue_rows(task: GlueTask, rows: list[list[str]] | list[tuple[int, list
             out[c].append(fields[c])
         out["label"].append(label)
         out["idx"].append(idx)
-    if body and not out["idx"]:
-        raise ValueError(f"{path}: none of its {len(body)} rows could be read; is this the "
-                         f"official GLUE {task.folder} file?")
+    if body and (not out["idx"] or repaired == len(body)):
+        # Nothing readable (or, in a test file, not one row fitting the header): the wrong file.
+        raise ValueError(f"{path}: none of its {len(body)} rows could be read as the header "
+                         f"says; is this the official GLUE {task.folder} file?")
     if skipped:
         log.warning("%s: skipped %d malformed rows (--skip-malformed-rows)", path, skipped)
         if issues is not None:

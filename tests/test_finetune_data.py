@@ -164,6 +164,13 @@ def test_file_with_every_row_malformed_fails_naming_it(tmp_path):
                                    + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=rf"{re.escape(train)}: none of its 6 rows could be read"):
         glue_data.load_glue(GLUE_TASKS["sst2"], str(tmp_path), skip_malformed=True)
+    # a test file none of whose rows fits its header is the wrong file, not 2 rows to mend
+    test = str(sst / "test.tsv")
+    (sst / "test.tsv").write_text(open(os.path.join(GLUE, "SST-2", "test.tsv")).readline() + "".join(
+        open(os.path.join(GLUE, "RTE", "test.tsv")).readlines()[1:]), encoding="utf-8")
+    shutil.copy(os.path.join(GLUE, "SST-2", "train.tsv"), train)
+    with pytest.raises(ValueError, match=rf"{re.escape(test)}: none of its 2 rows could be read"):
+        glue_data.load_glue(GLUE_TASKS["sst2"], str(tmp_path))
     (sst / "train.tsv").write_text(rows[0] + "\n", encoding="utf-8")     # header only
     with pytest.raises(ValueError, match=rf"{re.escape(train)} holds no rows"):
         glue_data.load_glue(GLUE_TASKS["sst2"], str(tmp_path))

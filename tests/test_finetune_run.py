@@ -134,6 +134,29 @@ def test_squad_tiny_run_writes_official_predictions(tiny_model, tmp_path, name):
         assert not (out / "null_odds.json").exists()
 
 
+def test_squad_run_trains_on_repaired_offsets_and_reports_them(tiny_model, tmp_path):
+    """Every answer_start shifted by 7 characters: the run trains on the true spans and its
+    result.json counts the repairs."""
+    import shutil
+    shutil.copytree(SQUAD, tmp_path / "squad")
+    train = tmp_path / "squad" / "train-v1.1.json"
+    doc = json.loads(train.read_text(encoding="utf-8"))
+    n = 0
+    for art in doc["data"]:
+        for para in art["paragraphs"]:
+            for qa in para["qas"]:
+                for a in qa["answers"]:
+                    a["answer_start"] += 7
+                    n += 1
+    train.write_text(json.dumps(doc), encoding="utf-8")
+    options = {**QUICK, "max_seq_length": 64, "doc_stride": 16, "max_query_length": 24}
+    result = finetune.run_squad("squad", tiny_model, str(tmp_path / "run"), data=str(tmp_path / "squad"),
+                                lr=1e-3, **options)
+    assert result["data_issues"] == {"answer_start_repairs": {str(train): n}}
+    saved = json.load(open(tmp_path / "run" / "result.json"))
+    assert saved["data_issues"] == result["data_issues"]
+
+
 def test_cli_one_run_and_clear_errors(tiny_model, keyword_data, tmp_path, capsys):
     data, _ = keyword_data
     rc = cli_main(["--task", "SST-2", "--model", tiny_model, "--data", data, "--lr", "1e-3",
