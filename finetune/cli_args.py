@@ -23,6 +23,8 @@ _HELP = {
     "device": "cpu, cuda, cuda:1 ...; default cuda when available",
     "bf16": "bf16 autocast",
     "predict_test": "write GLUE test predictions in the submission format",
+    "skip_malformed_rows": "GLUE: skip unreadable train/dev rows (counted in result.json) instead "
+                           "of stopping at the first one; test rows are never skipped",
 }
 
 

@@ -41,6 +41,7 @@ class FinetuneConfig:
     bf16: bool = False                      # bf16 autocast (weights and optimizer state stay fp32)
     max_train_samples: int | None = None    # subsample for quick runs (first N rows)
     max_eval_samples: int | None = None
+    skip_malformed_rows: bool = False       # GLUE: skip (and count) unreadable train/dev rows
     predict_test: bool = True               # GLUE: write test predictions in the submission format
     save_model: bool = False                # save the finetuned model + tokenizer into output/model
     progress: bool = True                   # tqdm bars

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from finetune import glue_data
 from finetune.batching import Rows, eval_loader, steps_per_epoch, train_loader_factory
 from finetune.config import FinetuneConfig
+from finetune.data_issues import DataIssues
 from finetune.metrics import glue_metrics, task_score
 from finetune.tasks import GLUE_TASKS, GlueTask, get_task
 from finetune.trainer import model_inputs, predict, register_pkm_models, start_run, train
@@ -97,7 +98,9 @@ def run_glue(cfg: FinetuneConfig) -> dict[str, Any]:
     if not isinstance(task, GlueTask):
         raise ValueError(f"{cfg.task} is not a GLUE task; use finetune.run_squad.")
     cfg.validate()
-    data = glue_data.load_glue(task, cfg.data)            # data errors before loading the model
+    issues = DataIssues()
+    # data errors before loading the model
+    data = glue_data.load_glue(task, cfg.data, skip_malformed=cfg.skip_malformed_rows, issues=issues)
     device, tokenizer, pad_id = start_run(cfg, data, task.dev_splits)
     train_rows = tokenize_split(tokenizer, task, data["train"], cfg.max_seq_length, True,
                                 progress=cfg.progress)
@@ -129,7 +132,7 @@ def run_glue(cfg: FinetuneConfig) -> dict[str, Any]:
                              logits_to_predictions(task, logits))
             written.append(fname)
         if task.name == "mnli":
-            ax = glue_data.load_glue_ax(cfg.data)
+            ax = glue_data.load_glue_ax(cfg.data, issues)
             if ax is not None and len(ax):
                 rows = tokenize_split(tokenizer, task, ax, cfg.max_seq_length, False)
                 (logits,) = predict(model, eval_loader(rows, cfg.eval_batch_size, pad_id),
@@ -151,6 +154,7 @@ def run_glue(cfg: FinetuneConfig) -> dict[str, Any]:
         "num_dev_examples": {s: len(data[s]) for s in task.dev_splits},
         "test_prediction_files": written, "device": str(device),
         **summary, "runtime_s": time.time() - t_start, "config": cfg.to_dict(),
+        "data_issues": issues.to_dict(),
     }
     write_json_atomic(os.path.join(cfg.output, "result.json"), result)
     log.info("%s: %s", task.name, metrics)

@@ -1,13 +1,19 @@
-"""Official metrics: GLUE (scikit-learn / scipy) and SQuAD EM/F1 (the official evaluate-v2.0 logic).
+"""Official metrics: GLUE (scikit-learn / scipy) and SQuAD EM/F1 (the official evaluate scripts).
 
-The SQuAD part re-implements https://rajpurkar.github.io/SQuAD-explorer/ evaluate-v2.0.py:
-answer normalisation, exact match and token F1 with the max over gold answers, unanswerable
-questions (gold = ""), the no-answer probability threshold and the best-threshold search.
-On v1.1 data (every question answerable) it gives the same numbers as evaluate-v1.1.py.
+The SQuAD part re-implements both scripts of https://rajpurkar.github.io/SQuAD-explorer/, which
+differ on edge cases, so each version is scored by its own script's logic:
+- evaluate-v1.1.py (`squad_evaluate_v1`): EM / F1 max over every gold answer as given; F1 is 0
+  when no token is shared, even when both sides normalise to nothing (gold "the" vs ""); a
+  question without a prediction scores 0 and still counts in the total.
+- evaluate-v2.0.py (`squad_evaluate`): gold answers that normalise to "" are dropped ([""] when
+  none is left); F1 is 1 when both sides are empty; "has answer" means the question has gold
+  answers at all (not that one survives normalisation); questions without a prediction are left
+  out; the no-answer threshold and the best-threshold search.
 """
 from __future__ import annotations
 
 import collections
+import logging
 import re
 import string
 import warnings
@@ -16,6 +22,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------- GLUE
 
@@ -85,6 +93,44 @@ def normalize_answer(s: str) -> str:
         return "".join(ch for ch in text if ch not in exclude)
 
     return white_space_fix(remove_articles(remove_punc(s.lower())))
+
+
+def f1_v1(a_gold: str, a_pred: str) -> float:
+    """evaluate-v1.1's f1_score: no special case for empty answers (no shared token -> 0)."""
+    gold_toks = normalize_answer(a_gold).split()
+    pred_toks = normalize_answer(a_pred).split()
+    num_same = sum((collections.Counter(pred_toks) & collections.Counter(gold_toks)).values())
+    if num_same == 0:
+        return 0.0
+    precision = num_same / len(pred_toks)
+    recall = num_same / len(gold_toks)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def squad_evaluate_v1(gold: Mapping[str, Sequence[str]], preds: Mapping[str, str]
+                      ) -> dict[str, float]:
+    """evaluate-v1.1.py: {exact, f1, total} in %, max over all gold answers as given (none
+    dropped). A question without a prediction scores 0 and counts in the total (the official
+    script prints 'Unanswered question ... will receive score 0')."""
+    if not gold:
+        raise ValueError("squad_evaluate_v1 needs at least one gold question.")
+    exact = f1 = 0.0
+    missing = 0
+    for qid, answers in gold.items():
+        if not answers:
+            raise ValueError(f"SQuAD v1.1 question {qid!r} has no gold answer; v1.1 data has one "
+                             f"or more for every question (is this v2.0 data? use squad_v2).")
+        if qid not in preds:
+            missing += 1
+            continue
+        exact += max(float(compute_exact(a, preds[qid])) for a in answers)
+        f1 += max(f1_v1(a, preds[qid]) for a in answers)
+    if missing == len(gold):
+        raise ValueError("No prediction matches a gold question id.")
+    if missing:
+        log.warning("%d unanswered questions receive score 0 (as in evaluate-v1.1)", missing)
+    total = len(gold)
+    return {"exact": 100.0 * exact / total, "f1": 100.0 * f1 / total, "total": total}
 
 
 def get_tokens(s: str) -> list[str]:
@@ -179,11 +225,14 @@ def find_best_thresh(preds: Mapping[str, str], scores: Mapping[str, float],
 def squad_evaluate(gold: Mapping[str, Sequence[str]], preds: Mapping[str, str],
                    na_probs: Mapping[str, float] | None = None, na_prob_thresh: float = 1.0
                    ) -> dict[str, float]:
-    """The official evaluate-v2.0 output: exact, f1, total, HasAns_*/NoAns_* and, when na_probs
-    (the null odds) are given, best_exact / best_f1 with their thresholds. Scores are in %."""
+    """The official evaluate-v2.0 output (for v1.1 data use squad_evaluate_v1): exact, f1, total,
+    HasAns_*/NoAns_* and, when na_probs (the null odds) are given, best_exact / best_f1 with their
+    thresholds. Scores are in %."""
     if not gold:
         raise ValueError("squad_evaluate needs at least one gold question.")
-    qid_to_has_ans = {qid: bool(gold_answers_for_eval(a)[0]) for qid, a in gold.items()}
+    # As make_qid_to_has_ans: a question with gold answers "has an answer" even when all of them
+    # normalise to "" (gold "the"); that decides the HasAns/NoAns splits and the threshold search.
+    qid_to_has_ans = {qid: bool(answers) for qid, answers in gold.items()}
     has_ans = [k for k, v in qid_to_has_ans.items() if v]
     no_ans = [k for k, v in qid_to_has_ans.items() if not v]
     probs = dict(na_probs) if na_probs is not None else {k: 0.0 for k in preds}

@@ -16,7 +16,8 @@ import torch
 
 from finetune.batching import Rows, eval_loader, steps_per_epoch, train_loader_factory
 from finetune.config import FinetuneConfig
-from finetune.metrics import squad_evaluate, task_score
+from finetune.data_issues import DataIssues
+from finetune.metrics import squad_evaluate, squad_evaluate_v1, task_score
 from finetune.squad_data import gold_answers, load_squad
 from finetune.squad_features import check_lengths, postprocess_predictions, prepare_features
 from finetune.tasks import SquadTask, get_task
@@ -52,7 +53,8 @@ def run_squad_config(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ValueError(f"{cfg.task} is not a SQuAD task; use finetune.run_glue_task.")
     cfg.validate()
     check_lengths(cfg.max_seq_length, cfg.max_query_length, cfg.doc_stride)
-    data = load_squad(task, cfg.data)
+    issues = DataIssues()
+    data = load_squad(task, cfg.data, issues=issues)
     device, tokenizer, pad_id = start_run(cfg, data, ["validation"])
     train_ds, dev_ds = data["train"], data["validation"]
     train_feats = prepare_features(tokenizer, train_ds["question"], train_ds["context"],
@@ -73,7 +75,11 @@ def run_squad_config(cfg: FinetuneConfig) -> dict[str, Any]:
     preds, null_odds, nbest = postprocess_predictions(
         dev_ds["id"], dev_ds["context"], dev_feats, start, end, task.version_2,
         cfg.n_best_size, cfg.max_answer_length, cfg.null_score_diff_threshold)
-    metrics = squad_evaluate(gold_answers(dev_ds), preds, null_odds if task.version_2 else None)
+    # Each version is scored by its own official script (they differ on empty-normalising golds).
+    if task.version_2:
+        metrics = squad_evaluate(gold_answers(dev_ds), preds, null_odds)
+    else:
+        metrics = squad_evaluate_v1(gold_answers(dev_ds), preds)
 
     with open(os.path.join(cfg.output, "predictions.json"), "w", encoding="utf-8") as f:
         json.dump(preds, f, indent=2, ensure_ascii=False)
@@ -93,7 +99,7 @@ def run_squad_config(cfg: FinetuneConfig) -> dict[str, Any]:
         "num_train_examples": len(train_ds), "num_train_features": len(train_feats),
         "num_dev_examples": {"validation": len(dev_ds)}, "num_dev_features": len(dev_feats),
         "device": str(device), **summary, "runtime_s": time.time() - t_start,
-        "config": cfg.to_dict(),
+        "config": cfg.to_dict(), "data_issues": issues.to_dict(),
     }
     write_json_atomic(os.path.join(cfg.output, "result.json"), result)
     log.info("%s: %s", task.name, metrics)

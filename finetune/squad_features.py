@@ -74,6 +74,8 @@ def prepare_features(tokenizer, questions: list[str], contexts: list[str],
     if tokenizer.padding_side != "right":
         raise ValueError("SQuAD features assume right padding (question first, then context).")
     check_lengths(max_seq_length, max_query_length, doc_stride)
+    if answers is not None:
+        check_answer_spans(contexts, answers)
     feats = QaFeatures([], [], [] if "token_type_ids" in tokenizer.model_input_names else None, [], [])
     for lo in tqdm(range(0, len(questions), chunk), desc="tokenize", disable=not progress):
         qs = _truncate_questions(tokenizer, questions[lo:lo + chunk], max_query_length)
@@ -99,6 +101,20 @@ def prepare_features(tokenizer, questions: list[str], contexts: list[str],
                 feats.start_positions.append(s)
                 feats.end_positions.append(e)
     return feats
+
+
+def check_answer_spans(contexts: list[str], answers: list[dict]) -> None:
+    """Training labels come from answer_start: refuse an example whose offset does not point at
+    its answer text (finetune.squad_data's loaders check and repair offsets; this guards callers
+    that build examples themselves)."""
+    for i, (context, ans) in enumerate(zip(contexts, answers)):
+        if not ans["text"]:
+            continue
+        text, start = ans["text"][0], ans["answer_start"][0]
+        if start < 0 or context[start:start + len(text)] != text:
+            raise ValueError(f"Example {i}: answer_start {start} does not point at its answer "
+                             f"{text!r} in the context; fix the offsets (finetune.squad_data."
+                             f"check_answer_starts repairs small shifts).")
 
 
 def _answer_positions(answer: dict, offsets: list[tuple[int, int] | None], cls: int

@@ -3,18 +3,21 @@
     python -m finetune.sweep --model DIR --data GLUE_DIR --tasks sst2,mrpc,rte \
         --lrs 2e-5,3e-5 --seeds 1,2,3 --output sweeps/bert [--grid grid.yaml] [--epochs 3 ...]
 
-Each run writes <output>/runs/<task>/lr<lr>_seed<seed>/result.json atomically when it ends, so a
-rerun of the same command skips finished runs and redoes a run that crashed (its folder has no
-result.json). With several CUDA devices the runs go one process per device; otherwise they run
-one after the other in this process. At the end (also after --max-runs stops early) the table is
-written: results.csv / results.md (per task: best learning rate by mean dev score, mean +- std
-over seeds, GLUE average over the GLUE tasks present) and results_all.csv (every task x lr).
+Each run writes <output>/runs/<task>/lr<lr>_seed<seed>/result.json atomically when it ends, with
+the run's full configuration, so a rerun of the same command skips finished runs and redoes a run
+that crashed (its folder has no result.json). A finished run made with other options is refused
+(or redone with --redo-mismatched), never reported as this sweep's. With several CUDA devices the
+runs go one process per device; otherwise they run one after the other in this process. At the
+end (also after --max-runs stops early, a failed run or Ctrl-C) the table of the runs finished so
+far is written: results.csv / results.md (per task: best learning rate by mean dev score, mean +-
+std over seeds, GLUE average over the GLUE tasks present) and results_all.csv (every task x lr).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -59,6 +62,7 @@ class SweepOutcome:
     pending: list[Run] = field(default_factory=list)     # left for a later call (max_runs)
     table: list[dict[str, Any]] = field(default_factory=list)
     glue_average: float | None = None
+    states: dict[Run, str] = field(default_factory=dict)  # dry_run: done / todo / mismatch
 
     @property
     def done(self) -> bool:
@@ -110,15 +114,61 @@ def make_runs(tasks: list[str], lrs: list[float], seeds: list[int]) -> list[Run]
     return [Run(t, float(lr), int(s)) for t in names for lr in lrs for s in seeds]
 
 
-def is_finished(run_dir: str) -> bool:
+# Fields that say where or how visibly a run executes, not what it computes: a finished run made
+# with other values of these still counts. (The sweep itself sets device per process.)
+RUN_KEY_IGNORED = ("output", "progress", "log_every_steps", "device")
+_PATH_FIELDS = ("model", "data")
+
+
+def read_result(run_dir: str) -> dict[str, Any] | None:
+    """The run's result.json when the run finished (a crashed run has none), else None."""
     path = os.path.join(run_dir, RESULT_FILE)
     if not os.path.isfile(path):
-        return False
+        return None
     try:
         with open(path, encoding="utf-8") as f:
-            return "score" in json.load(f)
+            result = json.load(f)
     except (OSError, json.JSONDecodeError):
-        return False
+        return None
+    return result if isinstance(result, dict) and "score" in result else None
+
+
+def run_key(config: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a run's result: every FinetuneConfig field but RUN_KEY_IGNORED, paths made
+    absolute (the model folder is compared by path, not content), fields a result.json predates
+    taken at their defaults."""
+    key = {}
+    for f in config_fields():
+        if f.name in RUN_KEY_IGNORED:
+            continue
+        if f.name in config:
+            value = config[f.name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            value = None
+        if f.name in _PATH_FIELDS and isinstance(value, str):
+            value = os.path.abspath(value)
+        key[f.name] = value
+    return key
+
+
+def config_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """'epochs: 1.0 -> 4.0' (finished run -> wanted) for every run_key field that differs."""
+    a, b = run_key(stored), run_key(wanted)
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in b if a.get(k) != b[k]]
+
+
+def run_state(run_dir: str, cfg: FinetuneConfig) -> str:
+    """'done' (finished with this configuration), 'mismatch' (finished with other options) or
+    'todo' (never finished)."""
+    result = read_result(run_dir)
+    if result is None:
+        return "todo"
+    stored = result.get("config")
+    if not isinstance(stored, dict) or config_differences(stored, cfg.to_dict()):
+        return "mismatch"
+    return "done"
 
 
 # ------------------------------------------------------------------------------------ running
@@ -186,31 +236,63 @@ def detect_devices(devices: str | list[str] | None, device_option: str | None) -
     return [str(i) for i in range(n)] if n > 1 else []
 
 
-def _validate_data(tasks: list[str], data_for: dict[str, str | None]) -> None:
-    """Fail before the first run when a local data folder lacks a task's files."""
+def _validate_data(tasks: list[str], data_for: dict[str, str | None],
+                   configs: dict[Run, FinetuneConfig]) -> None:
+    """Read every local file the grid's runs need once, before the first run, so a missing or
+    damaged file (GLUE train/dev, SQuAD train/dev JSON) is one clear error now rather than a
+    failure in every run. Missing test files only mean no test predictions: a warning."""
     from finetune import glue_data, squad_data
     for name in tasks:
         task, folder = get_task(name), data_for.get(name)
         if folder is None:
-            continue
+            continue                                   # the hub: nothing local to check
+        task_cfgs = [c for r, c in configs.items() if r.task == name]
         if task.is_glue:
-            glue_data.resolve_task_dir(task, folder)
+            for skip in sorted({c.skip_malformed_rows for c in task_cfgs}):
+                glue_data.load_glue(task, folder, skip_malformed=skip)
+            if any(c.predict_test for c in task_cfgs):
+                for path in glue_data.missing_test_files(task, folder):
+                    log.warning("%s not found: the %s runs write no test predictions from it",
+                                path, name)
         else:
-            for split in ("train", "validation"):
-                squad_data.resolve_squad_file(task, folder, split)
+            squad_data.load_squad(task, folder)
+
+
+def _refuse_mismatches(output: str, configs: dict[Run, FinetuneConfig], states: dict[Run, str]
+                       ) -> None:
+    """Finished runs made with other options are an error (unless the caller redoes them), so a
+    rerun with new options never reports the results of the old ones."""
+    mismatched = [r for r, st in states.items() if st == "mismatch"]
+    if not mismatched:
+        return
+    examples = []
+    for r in mismatched[:3]:
+        stored = (read_result(os.path.join(output, r.rel_dir)) or {}).get("config")
+        diffs = (config_differences(stored, configs[r].to_dict()) if isinstance(stored, dict)
+                 else ["no configuration recorded"])
+        examples.append(f"{r.rel_dir} ({'; '.join(diffs[:4])})")
+    raise ValueError(
+        f"{len(mismatched)} finished run(s) in {output} were made with other options than this "
+        f"sweep's, e.g. {', '.join(examples)}. Use another --output, rerun with the same "
+        f"options, or pass --redo-mismatched to redo those runs (their folders are replaced).")
 
 
 def run_sweep(model: str, output: str, tasks: list[str] | str, lrs: list[float] | str,
               seeds: list[int] | str, data: str | dict[str, str] | None = None,
               squad_data: str | None = None, options: dict[str, Any] | None = None,
               task_options: dict[str, dict[str, Any]] | None = None, max_runs: int | None = None,
-              devices: str | list[str] | None = None, progress: bool = True) -> SweepOutcome:
+              devices: str | list[str] | None = None, progress: bool = True,
+              redo_mismatched: bool = False, dry_run: bool = False) -> SweepOutcome:
     """Run the grid tasks x lrs x seeds, skipping finished runs; write the results table.
 
     data: GLUE download root (or {task: folder}); squad_data: folder with the official SQuAD
     JSON files; None -> the hub. options: FinetuneConfig fields for every run (epochs, batch_size,
     value_lr ...); task_options: per-task overrides. max_runs: stop after this many runs (the rest
-    stay pending for a rerun). devices: CUDA ids ("0,1"); default: all GPUs when more than one."""
+    stay pending for a rerun). devices: CUDA ids ("0,1"); default: all GPUs when more than one.
+    A finished run counts only when made with the same configuration (run_key); finished runs
+    made with other options are an error, or redone with redo_mismatched. Ctrl-C still writes
+    the table of the runs finished so far, then re-raises KeyboardInterrupt. dry_run: validate
+    and return the runs' states (outcome.states) without running or writing anything."""
     runs = make_runs(_as_list(tasks, str), _as_list(lrs, float), _as_list(seeds, int))
     task_names = list(dict.fromkeys(r.task for r in runs))
     options = dict(options or {})
@@ -223,12 +305,18 @@ def run_sweep(model: str, output: str, tasks: list[str] | str, lrs: list[float] 
     else:
         data_for = {t: (squad_data if not get_task(t).is_glue else data) for t in task_names}
     options.setdefault("progress", progress)
-    # Validate every config and data folder before any expensive work.
+    # Validate every config, data file and finished run before any expensive work.
     configs = {r: _run_config(r, model, output, data_for, options, task_options) for r in runs}
     next(iter(configs.values())).validate()
-    _validate_data(task_names, data_for)
+    _validate_data(task_names, data_for, configs)
+    states = {r: run_state(os.path.join(output, r.rel_dir), cfg) for r, cfg in configs.items()}
+    if dry_run:
+        return SweepOutcome(output=output, runs=runs, states=states)
+    if not redo_mismatched:
+        _refuse_mismatches(output, configs, states)
 
     os.makedirs(output, exist_ok=True)
+    # The options of the latest call; each run's own result.json keeps the config it was made with.
     write_json_atomic(os.path.join(output, "sweep.json"), {
         "model": model, "tasks": task_names, "lrs": sorted({r.lr for r in runs}),
         "seeds": sorted({r.seed for r in runs}), "data": data_for, "options": options,
@@ -236,7 +324,7 @@ def run_sweep(model: str, output: str, tasks: list[str] | str, lrs: list[float] 
     outcome = SweepOutcome(output=output, runs=runs)
     todo = []
     for r in runs:
-        if is_finished(os.path.join(output, r.rel_dir)):
+        if states[r] == "done":
             outcome.skipped.append(r)
         else:
             todo.append(r)
@@ -267,36 +355,55 @@ def run_sweep(model: str, output: str, tasks: list[str] | str, lrs: list[float] 
         bar.set_postfix(last=f"{r.task} lr={r.lr:g} seed={r.seed}", failed=len(outcome.failed))
 
     device_ids = detect_devices(devices, options.get("device"))
-    if device_ids:
-        free: queue.Queue[str] = queue.Queue()
-        for d in device_ids:
-            free.put(d)
-
-        def on_device(r: Run) -> None:
-            d = free.get()
-            try:
-                attempt(r, d)
-            finally:
-                free.put(d)
-        with ThreadPoolExecutor(max_workers=len(device_ids)) as pool:
-            list(pool.map(on_device, todo))
-    else:
-        from transformers.utils import logging as hf_logging
-        verbosity = hf_logging.get_verbosity()
-        # Each run would print the same "newly initialised head" load report: keep the log readable.
-        hf_logging.set_verbosity_error()
-        try:
-            for r in todo:
-                attempt(r, None)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-    bar.close()
-
-    outcome.table, outcome.glue_average = write_results(output, runs)
+    try:
+        if device_ids:
+            _run_on_devices(todo, device_ids, attempt)
+        else:
+            _run_sequentially(todo, attempt)
+    except KeyboardInterrupt:
+        log.warning("interrupted: writing the table of the runs finished so far; rerun the same "
+                    "command to go on")
+        raise
+    finally:
+        # Also on Ctrl-C or an unexpected error: the partial table the README promises.
+        bar.close()
+        outcome.table, outcome.glue_average = write_results(output, runs, configs)
     if outcome.pending:
         log.info("stopped after %d runs (max_runs); %d runs left: rerun the same command to go on",
                  len(todo), len(outcome.pending))
     return outcome
+
+
+def _run_on_devices(todo: list[Run], device_ids: list[str], attempt) -> None:
+    """One run per device at a time; on Ctrl-C no queued run starts (the running ones get the
+    same SIGINT from the terminal and stop)."""
+    free: queue.Queue[str] = queue.Queue()
+    for d in device_ids:
+        free.put(d)
+
+    def on_device(r: Run) -> None:
+        d = free.get()
+        try:
+            attempt(r, d)
+        finally:
+            free.put(d)
+    pool = ThreadPoolExecutor(max_workers=len(device_ids))
+    try:
+        list(pool.map(on_device, todo))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_sequentially(todo: list[Run], attempt) -> None:
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    # Each run would print the same "newly initialised head" load report: keep the log readable.
+    hf_logging.set_verbosity_error()
+    try:
+        for r in todo:
+            attempt(r, None)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 # -------------------------------------------------------------------------------------- table
@@ -306,13 +413,14 @@ def _fmt_lr(lr: float) -> str:
     return f"{lr:g}"
 
 
-def collect_results(output: str, runs: list[Run]) -> dict[Run, dict[str, Any]]:
+def collect_results(output: str, configs: dict[Run, FinetuneConfig]) -> dict[Run, dict[str, Any]]:
+    """The results of the runs finished with this sweep's configuration (never those of a run
+    made with other options that is still waiting to be redone)."""
     found = {}
-    for r in runs:
-        path = os.path.join(output, r.rel_dir, RESULT_FILE)
-        if is_finished(os.path.dirname(path)):
-            with open(path, encoding="utf-8") as f:
-                found[r] = json.load(f)
+    for r, cfg in configs.items():
+        run_dir = os.path.join(output, r.rel_dir)
+        if run_state(run_dir, cfg) == "done":
+            found[r] = read_result(run_dir)
     return found
 
 
@@ -346,28 +454,47 @@ def summarize(results: dict[Run, dict[str, Any]]) -> tuple[list[dict], list[dict
     return best_rows, all_rows, (float(np.mean(glue)) if glue else None)
 
 
-def write_results(output: str, runs: list[Run]) -> tuple[list[dict], float | None]:
-    best_rows, all_rows, glue_avg = summarize(collect_results(output, runs))
-    with open(os.path.join(output, "results.csv"), "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["task", "metric", "best_lr", "mean", "std", "n_seeds", "lrs_tried", "metrics_at_best_lr"])
-        for row in best_rows:
-            w.writerow([row["task"], row["metric"], _fmt_lr(row["best_lr"]), f"{row['mean']:.4f}",
-                        f"{row['std']:.4f}", row["n_seeds"],
-                        " ".join(_fmt_lr(x) for x in row["lrs_tried"]),
-                        " ".join(f"{k}={v:.4f}" for k, v in row["metric_means"].items())])
-        if glue_avg is not None:
-            n = sum(get_task(r["task"]).is_glue for r in best_rows)
-            w.writerow(["glue_average", f"mean of {n} GLUE task scores", "", f"{glue_avg:.4f}",
-                        "", "", "", ""])
-    with open(os.path.join(output, "results_all.csv"), "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["task", "lr", "metric", "mean", "std", "n_seeds", "seeds"])
-        for row in all_rows:
-            w.writerow([row["task"], _fmt_lr(row["lr"]), row["metric"], f"{row['mean']:.4f}",
-                        f"{row['std']:.4f}", row["n_seeds"], " ".join(map(str, row["seeds"]))])
+def _write_text_atomic(path: str, text: str) -> None:
+    """Write via a temp file and a rename, so an interrupted write never leaves half a table."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _csv_text(rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def write_results(output: str, runs: list[Run], configs: dict[Run, FinetuneConfig]
+                  ) -> tuple[list[dict], float | None]:
+    results = collect_results(output, configs)
+    best_rows, all_rows, glue_avg = summarize(results)
+    best = [["task", "metric", "best_lr", "mean", "std", "n_seeds", "lrs_tried", "metrics_at_best_lr"]]
+    for row in best_rows:
+        best.append([row["task"], row["metric"], _fmt_lr(row["best_lr"]), f"{row['mean']:.4f}",
+                     f"{row['std']:.4f}", row["n_seeds"],
+                     " ".join(_fmt_lr(x) for x in row["lrs_tried"]),
+                     " ".join(f"{k}={v:.4f}" for k, v in row["metric_means"].items())])
+    if glue_avg is not None:
+        n = sum(get_task(r["task"]).is_glue for r in best_rows)
+        best.append(["glue_average", f"mean of {n} GLUE task scores", "", f"{glue_avg:.4f}",
+                     "", "", "", ""])
+    _write_text_atomic(os.path.join(output, "results.csv"), _csv_text(best))
+    every = [["task", "lr", "metric", "mean", "std", "n_seeds", "seeds"]]
+    for row in all_rows:
+        every.append([row["task"], _fmt_lr(row["lr"]), row["metric"], f"{row['mean']:.4f}",
+                      f"{row['std']:.4f}", row["n_seeds"], " ".join(map(str, row["seeds"]))])
+    _write_text_atomic(os.path.join(output, "results_all.csv"), _csv_text(every))
     lines = ["# Finetuning results", "",
-             f"{len(collect_results(output, runs))} of {len(runs)} runs finished. Dev scores in %: "
+             f"{len(results)} of {len(runs)} runs finished. Dev scores in %: "
              "the GLUE task score is the mean of the task's metrics (MRPC/QQP: F1 and accuracy, "
              "STS-B: Pearson and Spearman, MNLI: matched and mismatched accuracy); SQuAD: F1. "
              "Best learning rate by mean dev score over seeds.", "",
@@ -385,8 +512,7 @@ def write_results(output: str, runs: list[Run]) -> tuple[list[dict], float | Non
     for row in all_rows:
         lines.append(f"| {row['task']} | {_fmt_lr(row['lr'])} | {row['mean']:.2f} ± "
                      f"{row['std']:.2f} | {row['n_seeds']} |")
-    with open(os.path.join(output, "results.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    _write_text_atomic(os.path.join(output, "results.md"), "\n".join(lines) + "\n")
     return best_rows, glue_avg
 
 
@@ -409,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", help="CUDA device ids for one process per device, e.g. 0,1,2,3 "
                         "(default: every GPU when more than one; 'cpu,cpu' runs CPU processes)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    parser.add_argument("--redo-mismatched", action="store_true",
+                        help="redo finished runs that were made with other options (default: "
+                        "refuse, naming them)")
     add_config_flags(parser, skip=("task", "lr", "seed"), required=())
     # Only flags given on the command line override the grid file and FinetuneConfig defaults.
     parser.set_defaults(**{f.name: None for f in config_fields()
@@ -433,17 +562,21 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.seeds or grid.get("seeds")
         data = args.data or grid.get("data")
         squad = args.squad_data or grid.get("squad_data")
-        if args.dry_run:
-            for r in make_runs(_as_list(tasks, str), _as_list(lrs, float), _as_list(seeds, int)):
-                state = "done" if is_finished(os.path.join(args.output, r.rel_dir)) else "todo"
-                print(f"{state}\t{r.rel_dir}")
-            return 0
         outcome = run_sweep(model, args.output, tasks, lrs, seeds, data=data, squad_data=squad,
                             options=options, task_options=grid.get("task_options"),
-                            max_runs=args.max_runs, devices=args.devices, progress=progress)
+                            max_runs=args.max_runs, devices=args.devices, progress=progress,
+                            redo_mismatched=args.redo_mismatched, dry_run=args.dry_run)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the table of the finished runs is in {args.output}/results.md; rerun "
+              f"the same command to go on", file=sys.stderr)
+        return 130
+    if args.dry_run:
+        for r, state in outcome.states.items():
+            print(f"{state}\t{r.rel_dir}")            # mismatch: finished with other options
+        return 0
     with open(os.path.join(args.output, "results.md"), encoding="utf-8") as f:
         print(f.read())
     print(f"runs: {len(outcome.runs)} total, {len(outcome.skipped)} skipped (finished before), "

@@ -61,7 +61,11 @@ def test_keyword_task_learns_above_chance(keyword_data, tmp_path):
 @pytest.mark.parametrize("name", list(GLUE_TASKS))
 def test_every_glue_task_runs_and_writes_submission(tiny_model, tmp_path, name):
     task = GLUE_TASKS[name]
-    result = finetune.run_glue_task(name, tiny_model, str(tmp_path), data=GLUE, lr=1e-3, **QUICK)
+    # QQP's fixture keeps the real file's malformed row: skipped only when asked, and counted
+    result = finetune.run_glue_task(name, tiny_model, str(tmp_path), data=GLUE, lr=1e-3,
+                                    skip_malformed_rows=name == "qqp", **QUICK)
+    if name == "qqp":
+        assert result["data_issues"] == {"skipped_rows": {os.path.join(GLUE, "QQP", "train.tsv"): 1}}
     assert set(result["metrics"]) == set(task.metrics)
     assert result["train_steps"] == 2
     expected_files = list(task.submission_files) + (["AX.tsv"] if name == "mnli" else [])
@@ -78,6 +82,33 @@ def test_every_glue_task_runs_and_writes_submission(tiny_model, tmp_path, name):
             assert set(values) <= set(task.label_names)
         else:
             assert set(values) <= {"0", "1"}
+
+
+def test_every_test_row_reaches_the_submission(tiny_model, tmp_path):
+    """A test row with a stray tab (one field too many) is kept, not dropped: RTE.tsv has a
+    prediction for every test row, and result.json counts the mended row."""
+    import shutil
+    shutil.copytree(os.path.join(GLUE, "RTE"), tmp_path / "RTE")
+    with open(tmp_path / "RTE" / "test.tsv", "a", encoding="utf-8") as f:
+        f.write("2\tA premise with\ta stray tab.\tThe hypothesis.\n")
+    result = finetune.run_glue_task("rte", tiny_model, str(tmp_path / "run"), data=str(tmp_path),
+                                    lr=1e-3, **QUICK)
+    with open(tmp_path / "run" / "test_predictions" / "RTE.tsv", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    assert [r[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert result["data_issues"]["repaired_test_rows"] == {str(tmp_path / "RTE" / "test.tsv"): 1}
+
+
+def test_unreadable_train_file_fails_before_the_model_loads(tiny_model, tmp_path):
+    import shutil
+    shutil.copytree(os.path.join(GLUE, "RTE"), tmp_path / "RTE")
+    train = tmp_path / "RTE" / "train.tsv"
+    rows = train.read_text(encoding="utf-8").splitlines()
+    train.write_text("\n".join([rows[0]] + [r + "\textra" for r in rows[1:]]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train.tsv: none of its 3 rows could be read"):
+        finetune.run_glue_task("rte", tiny_model, str(tmp_path / "run"), data=str(tmp_path),
+                               lr=1e-3, skip_malformed_rows=True, **QUICK)
+    assert not (tmp_path / "run" / "finetune_config.json").exists()     # no run was started
 
 
 @pytest.mark.parametrize("name", ["squad", "squad_v2"])
@@ -101,6 +132,29 @@ def test_squad_tiny_run_writes_official_predictions(tiny_model, tmp_path, name):
         assert {"best_f1", "best_f1_thresh", "HasAns_f1", "NoAns_f1"} <= set(result["metrics"])
     else:
         assert not (out / "null_odds.json").exists()
+
+
+def test_squad_run_trains_on_repaired_offsets_and_reports_them(tiny_model, tmp_path):
+    """Every answer_start shifted by 7 characters: the run trains on the true spans and its
+    result.json counts the repairs."""
+    import shutil
+    shutil.copytree(SQUAD, tmp_path / "squad")
+    train = tmp_path / "squad" / "train-v1.1.json"
+    doc = json.loads(train.read_text(encoding="utf-8"))
+    n = 0
+    for art in doc["data"]:
+        for para in art["paragraphs"]:
+            for qa in para["qas"]:
+                for a in qa["answers"]:
+                    a["answer_start"] += 7
+                    n += 1
+    train.write_text(json.dumps(doc), encoding="utf-8")
+    options = {**QUICK, "max_seq_length": 64, "doc_stride": 16, "max_query_length": 24}
+    result = finetune.run_squad("squad", tiny_model, str(tmp_path / "run"), data=str(tmp_path / "squad"),
+                                lr=1e-3, **options)
+    assert result["data_issues"] == {"answer_start_repairs": {str(train): n}}
+    saved = json.load(open(tmp_path / "run" / "result.json"))
+    assert saved["data_issues"] == result["data_issues"]
 
 
 def test_cli_one_run_and_clear_errors(tiny_model, keyword_data, tmp_path, capsys):

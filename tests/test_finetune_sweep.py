@@ -167,3 +167,129 @@ def test_failed_run_is_recorded_and_the_grid_goes_on(setup, tmp_path, monkeypatc
     again = sweep.run_sweep(model, out, "sst2", [1e-3, 3e-3, 5e-3], [1], data=data,
                             options=OPTIONS, progress=False)
     assert again.completed == [sweep.Run("sst2", 3e-3, 1)] and again.done
+
+
+# ------------------------------------------- finished runs keyed by configuration, Ctrl-C, files
+
+
+def _fake_run(calls):
+    """Stands in for a real run: records the call and writes the result.json a run writes (its
+    score is epochs / 10, so a table built from the wrong runs shows)."""
+    from pkm.atomic_io import write_json_atomic
+
+    def run(cfg):
+        calls.append(cfg)
+        score = cfg.epochs / 10
+        write_json_atomic(os.path.join(cfg.output, "result.json"), {
+            "task": cfg.task, "lr": cfg.lr, "seed": cfg.seed, "score": score,
+            "metrics": {"accuracy": score}, "config": cfg.to_dict()})
+    return run
+
+
+def test_finished_runs_count_only_with_the_same_configuration(setup, tmp_path, monkeypatch, capsys):
+    model, data = setup
+    calls = []
+    monkeypatch.setattr(sweep, "_run_in_process", _fake_run(calls))
+    out = str(tmp_path / "s")
+
+    def sweep_with(**kw):
+        options = {"epochs": kw.pop("epochs", 1), "device": "cpu", **kw.pop("options", {})}
+        return sweep.run_sweep(model, out, "sst2", [1e-3, 3e-3], [1], data=data, options=options,
+                               progress=False, **kw)
+
+    assert len(sweep_with().completed) == 2
+    # Same options, other device / progress / logging: the finished runs count.
+    again = sweep_with(options={"device": None, "log_every_steps": 7})
+    assert len(again.skipped) == 2 and not again.completed and len(calls) == 2
+    sweep_json = _read(os.path.join(out, "sweep.json"))
+    # Other options: refused before anything runs, naming a run and the difference; sweep.json kept.
+    with pytest.raises(ValueError, match=r"2 finished run\(s\) .*runs/sst2/lr0.001_seed1 "
+                                         r"\(epochs: 1 -> 4\).*--redo-mismatched"):
+        sweep_with(epochs=4)
+    assert len(calls) == 2 and _read(os.path.join(out, "sweep.json")) == sweep_json
+    rc = sweep.main(["--model", model, "--data", data, "--tasks", "sst2", "--lrs", "1e-3,3e-3",
+                     "--seeds", "1", "--output", out, "--epochs", "4", "--device", "cpu",
+                     "--dry-run"])
+    assert rc == 0
+    assert capsys.readouterr().out.splitlines() == ["mismatch\truns/sst2/lr0.001_seed1",
+                                                    "mismatch\truns/sst2/lr0.003_seed1"]
+    # Redone when asked; a mismatched run not redone yet (max_runs) stays out of the table.
+    part = sweep_with(epochs=4, redo_mismatched=True, max_runs=1)
+    assert part.completed == [sweep.Run("sst2", 1e-3, 1)] and len(calls) == 3
+    assert part.table[0]["n_seeds"] == 1 and part.table[0]["lrs_tried"] == [1e-3]
+    assert part.glue_average == pytest.approx(40.0)             # the 4-epoch run only
+    assert "1 of 2 runs finished" in _read(os.path.join(out, "results.md"))
+    rest = sweep_with(epochs=4, redo_mismatched=True)
+    assert rest.skipped == [sweep.Run("sst2", 1e-3, 1)] and rest.completed == [sweep.Run("sst2", 3e-3, 1)]
+    assert rest.glue_average == pytest.approx(40.0)
+    # A result.json without a recorded configuration is not trusted either.
+    res_path = os.path.join(out, "runs", "sst2", "lr0.001_seed1", "result.json")
+    res = json.load(open(res_path))
+    del res["config"]
+    json.dump(res, open(res_path, "w"))
+    with pytest.raises(ValueError, match="no configuration recorded"):
+        sweep_with(epochs=4)
+
+
+def test_prevalidation_checks_every_file_a_run_needs(setup, tmp_path, monkeypatch):
+    import shutil
+
+    model, data = setup
+    calls = []
+    monkeypatch.setattr(sweep, "_run_in_process", _fake_run(calls))
+    glue = tmp_path / "glue"
+    shutil.copytree(os.path.join(data, "SST-2"), glue / "SST-2")
+    shutil.copytree(os.path.join(FIX_GLUE, "RTE"), glue / "RTE")
+    os.remove(glue / "RTE" / "train.tsv")                      # dev.tsv is there, train is not
+    with pytest.raises(ValueError, match=r"Missing GLUE file .*RTE/train.tsv"):
+        sweep.run_sweep(model, str(tmp_path / "o"), ["sst2", "rte"], [1e-3], [1], data=str(glue),
+                        options={"device": "cpu"}, progress=False)
+    shutil.copy(os.path.join(FIX_GLUE, "SST-2", "train.tsv"), glue / "RTE" / "train.tsv")
+    with pytest.raises(ValueError, match=r"RTE/train.tsv: the header .* is this the official GLUE RTE"):
+        sweep.run_sweep(model, str(tmp_path / "o"), ["sst2", "rte"], [1e-3], [1], data=str(glue),
+                        options={"device": "cpu"}, progress=False)
+    # a malformed row in a train file: its line, before any run
+    shutil.copy(os.path.join(FIX_GLUE, "RTE", "train.tsv"), glue / "RTE" / "train.tsv")
+    with open(glue / "RTE" / "train.tsv", "a", encoding="utf-8") as f:
+        f.write("99\tA premise.\tA hypothesis.\tmaybe\n")
+    with pytest.raises(ValueError, match=r"RTE/train.tsv, line 5: unknown label 'maybe'"):
+        sweep.run_sweep(model, str(tmp_path / "o"), ["sst2", "rte"], [1e-3], [1], data=str(glue),
+                        options={"device": "cpu"}, progress=False)
+    # SQuAD: a truncated training file is named before any run
+    squad = tmp_path / "squad"
+    shutil.copytree(os.path.join(os.path.dirname(FIX_GLUE), "squad"), squad)
+    text = (squad / "train-v1.1.json").read_text(encoding="utf-8")
+    (squad / "train-v1.1.json").write_text(text[:-40], encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train-v1.1.json is not valid JSON"):
+        sweep.run_sweep(model, str(tmp_path / "o"), ["squad"], [1e-3], [1], squad_data=str(squad),
+                        options={"device": "cpu"}, progress=False)
+    assert not calls and not os.path.exists(tmp_path / "o")
+
+
+def test_ctrl_c_leaves_the_partial_table(setup, tmp_path, monkeypatch, capsys):
+    model, data = setup
+    calls = []
+    finish = _fake_run(calls)
+
+    def interrupted_second(cfg):
+        if calls:
+            raise KeyboardInterrupt
+        finish(cfg)
+
+    monkeypatch.setattr(sweep, "_run_in_process", interrupted_second)
+    out = str(tmp_path / "c")
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(model, out, "sst2", [1e-3, 3e-3, 5e-3], [1], data=data,
+                        options={"device": "cpu"}, progress=False)
+    rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
+    assert [r["task"] for r in rows] == ["sst2", "glue_average"] and rows[0]["best_lr"] == "0.001"
+    assert "1 of 3 runs finished" in _read(os.path.join(out, "results.md"))
+    assert not os.path.exists(os.path.join(out, "runs", "sst2", "lr0.003_seed1", "result.json"))
+    # The CLI says where the table is and exits 130, as a shell does for SIGINT.
+    calls.clear()
+    rc = sweep.main(["--model", model, "--data", data, "--tasks", "sst2", "--lrs", "1e-3,3e-3",
+                     "--seeds", "1", "--output", str(tmp_path / "cli"), "--device", "cpu",
+                     "--no-progress"])
+    assert rc == 130
+    assert "results.md" in capsys.readouterr().err
+    assert os.path.isfile(tmp_path / "cli" / "results.md")
