@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from finetune.config import FinetuneConfig
+from pkm.value_step import global_grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +159,8 @@ def clip_gradients(model: torch.nn.Module, tables: list, max_norm: float) -> flo
     sq = torch.zeros((), dtype=torch.float32, device=dense[0].device if dense else "cpu")
     for g in dense:
         sq = sq + g.detach().float().pow(2).sum()
-    for t in tables:
-        if t.sparse_grad is not None:
-            sq = sq + t.grad_sq_norm().to(sq.device)
+    if tables:  # the value tables' part, as pretraining takes it (pkm.value_step)
+        sq = sq + global_grad_norm(tables).to(sq.device, sq.dtype).square()
     norm = float(sq.sqrt())
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
