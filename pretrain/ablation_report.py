@@ -198,7 +198,25 @@ def settings_section(study: Any, runs_dir_names: list[str], command: str) -> lis
               "| key | " + " | ".join(runs_dir_names) + " |", "|---|" + "---|" * len(runs_dir_names)]
     lines += [f"| `{k}` | " + " | ".join(f"`{json.dumps(flat[n].get(k))}`" for n in runs_dir_names) + " |"
               for k in differing]
+    if "model.init_from" in differing and "model.preset" in differing:
+        lines += ["", "(`model.preset` is ignored where `model.init_from` is set: the architecture is that model's.)"]
     return lines
+
+
+def stage_times(out: str) -> list[str]:
+    """Wall seconds of every finished stage, from the stage markers (the run's own timing)."""
+    folder = os.path.join(out, "stages")
+    times = []
+    for file in sorted(os.listdir(folder), key=lambda f: os.path.getmtime(os.path.join(folder, f))):
+        with open(os.path.join(folder, file), encoding="utf-8") as f:
+            wall = json.load(f).get("stage_wall_s")
+        if wall is not None:
+            times.append((file[:-len(".json")], wall))
+    if not times:
+        return []
+    total = sum(w for _, w in times)
+    return [f"- stage wall times (s, this output folder; a resumed stage counts its last attempt): "
+            + ", ".join(f"{name} {wall:.0f}" for name, wall in times) + f"; sum {total:.0f} s"]
 
 
 def _repo_root() -> str:
@@ -264,7 +282,7 @@ def write_ablation_report(out: str, study: Any, quick: bool = False, command: st
                   "Second level minus first level, the other axes fixed (computed from the table's numbers):", ""]
         lines += effects
     lines += ["", "## Plots (every run on the same axes)", ""] + [f"![{title}]({file})" for title, file in plots]
-    lines += ["", "## Settings", ""] + settings_section(study, list(runs), command)
+    lines += ["", "## Settings", ""] + stage_times(out) + settings_section(study, list(runs), command)
     if quick:
         lines += ["", "_Quick form (test suite): few steps, a tiny memory and trimmed tasks; the numbers only show "
                   "the path works._"]
