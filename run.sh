@@ -14,6 +14,7 @@ usage: ./run.sh <command> [args...]
 
   setup      create .venv (torch first, pinned), install the pinned requirements and this project
   demo       the main job on the embedded default (real Wikipedia sample, MiniLM init, 2 CPU ranks)
+  ablation   Kim & Jung's ablation: {replace, residual} x {scratch, init} + baseline -> one table  (--help)
   test       run the test suite (pytest; extra args go to pytest)
   prep       data prep: python -m data_prep ...            (./run.sh prep --help)
   pretrain   deepspeed --module pretrain.main ...       (./run.sh pretrain --help)
@@ -102,6 +103,7 @@ main() {
       cmd_setup ;;
     test)     cmd_setup; exec "$PY" -m pytest "$@" ;;
     demo)     cmd_setup; exec "$PY" -m pretrain.demo "$@" ;;
+    ablation) cmd_setup; exec "$PY" -m pretrain.ablation "$@" ;;
     prep)     cmd_setup; exec "$PY" -m data_prep "$@" ;;
     pretrain)
       cmd_setup

@@ -109,20 +109,26 @@ def stage_tasks(out: str, args: argparse.Namespace) -> dict:
 
 
 def stage_pretrain(out: str, args: argparse.Namespace) -> dict:
-    from pretrain.main import launch
-
-    run_dir = os.path.join(out, "pretrain")
     config = _pretrain_config(out, args)
     ds_config = os.path.join(REPO_ROOT, "ds_configs", "demo_zero2_fp32.json")
+    return run_pretraining(config, ds_config, args.procs, verbose=args.verbose)
+
+
+def run_pretraining(config: dict, ds_config: str, procs: int, verbose: bool = False, tag: str = "demo") -> dict:
+    """One pretraining run into ``config['train']['out_dir']`` under the deepspeed launcher; resumes
+    from its latest checkpoint when an earlier attempt was interrupted. Returns the stage record."""
+    from pretrain.main import launch
+
+    run_dir = config["train"]["out_dir"]
     resume = os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))
     overrides = ["--train.resume=true"] if resume else []
     started = time.time()
-    print(f"[demo] pretraining {config['train']['max_steps']} steps on {args.procs} rank(s); log: {run_dir}/train.log",
+    print(f"[{tag}] pretraining {config['train']['max_steps']} steps on {procs} rank(s); log: {run_dir}/train.log",
           flush=True)
     os.makedirs(run_dir, exist_ok=True)
-    launch(config, ds_config, num_procs=args.procs, overrides=overrides,
-           log_file=None if args.verbose else os.path.join(run_dir, "train.log"))
-    return {"steps": config["train"]["max_steps"], "ranks": args.procs, "wall_s": round(time.time() - started, 1),
+    launch(config, ds_config, num_procs=procs, overrides=overrides,
+           log_file=None if verbose else os.path.join(run_dir, "train.log"))
+    return {"steps": config["train"]["max_steps"], "ranks": procs, "wall_s": round(time.time() - started, 1),
             "config": config, "ds_config": os.path.relpath(ds_config, REPO_ROOT)}
 
 
@@ -135,23 +141,30 @@ def stage_convert(out: str, args: argparse.Namespace) -> dict:
 
 
 def stage_finetune(out: str, args: argparse.Namespace) -> dict:
-    from finetune.api import run_glue_task, run_squad
+    from finetune.api import finetune
 
     models = {"bert_pkm": os.path.join(out, "hf_model"), "minilm_baseline": minilm_dir()}
-    glue_dir = os.path.join(out, "tasks", "glue")
-    squad_dir = os.path.join(out, "tasks", "squad")
-    epochs = 1 if args.quick else 2
     results: dict[str, Any] = {}
     for name, model in models.items():
-        common = dict(model=model, seed=SEED, epochs=epochs, batch_size=16)
-        pairs = run_glue_task("mrpc", output=os.path.join(out, "finetune", name, "pairs"), data=glue_dir,
-                              lr=5e-5, max_seq_length=64, **common)
-        qa = run_squad("squad", output=os.path.join(out, "finetune", name, "qa"), data=squad_dir,
-                       lr=1e-4, max_seq_length=96 if args.quick else 128, max_query_length=32 if args.quick else 48,
-                       doc_stride=24 if args.quick else 32,
-                       **common)
-        results[name] = {"pairs": pairs.get("metrics", pairs), "qa": qa.get("metrics", qa)}
+        results[name] = {}
+        for job in heldout_finetune_tasks(out, args.quick):
+            result = finetune(dict(model=model, output=os.path.join(out, "finetune", name, job["name"]),
+                                   task=job["task"], data=job["data"], lr=job["lr"], seed=SEED, **job["options"]))
+            results[name][job["name"]] = result.get("metrics", result)
     return results
+
+
+def heldout_finetune_tasks(out: str, quick: bool) -> list[dict]:
+    """The finetuning settings of the two held-out tasks (built by the ``tasks`` stage in ``out``):
+    name, finetune task, data folder, learning rate and the other FinetuneConfig options."""
+    common = {"epochs": 1 if quick else 2, "batch_size": 16}
+    return [
+        {"name": "pairs", "task": "mrpc", "data": os.path.join(out, "tasks", "glue"), "lr": 5e-5,
+         "options": {**common, "max_seq_length": 64}},
+        {"name": "qa", "task": "squad", "data": os.path.join(out, "tasks", "squad"), "lr": 1e-4,
+         "options": {**common, "max_seq_length": 96 if quick else 128, "max_query_length": 32 if quick else 48,
+                     "doc_stride": 24 if quick else 32}},
+    ]
 
 
 def stage_report(out: str, args: argparse.Namespace) -> dict:
@@ -272,26 +285,33 @@ def _save_stage(out: str, name: str, result: dict) -> None:
 
 def run_demo(args: argparse.Namespace) -> str:
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
     settings = {"steps": args.steps, "procs": args.procs, "quick": args.quick, "max_articles": args.max_articles}
+    run_stages(out, STAGES, args, settings, tag="demo")
+    report = os.path.join(out, "report", "README.md")
+    print(f"[demo] finished; report: {report}", flush=True)
+    return report
+
+
+def run_stages(out: str, stages: list[tuple[str, Callable[[str, argparse.Namespace], dict]]],
+               args: argparse.Namespace, settings: dict, tag: str) -> None:
+    """Run ``stages`` in order into ``out``, skipping those whose marker ``<out>/stages/<name>.json``
+    exists. ``settings`` are saved on the first run; a rerun with other settings is refused."""
+    os.makedirs(out, exist_ok=True)
     settings_path = os.path.join(out, "stages", "settings.json")
-    if os.path.exists(settings_path) and json.load(open(settings_path)) != settings:
-        raise ValueError(f"{out} holds a demo run with other settings ({settings_path}); "
+    if os.path.exists(settings_path) and _load_stage(out, "settings") != settings:
+        raise ValueError(f"{out} holds a {tag} run with other settings ({settings_path}); "
                          "pass another --out, or --fresh to start over")
     _save_stage(out, "settings", settings)
-    for number, (name, fn) in enumerate(STAGES, 1):
+    for number, (name, fn) in enumerate(stages, 1):
         if os.path.exists(_stage_file(out, name)):
-            print(f"[demo] {number}/{len(STAGES)} {name}: done before, reusing {_stage_file(out, name)}", flush=True)
+            print(f"[{tag}] {number}/{len(stages)} {name}: done before, reusing {_stage_file(out, name)}", flush=True)
             continue
-        print(f"[demo] {number}/{len(STAGES)} {name} ...", flush=True)
+        print(f"[{tag}] {number}/{len(stages)} {name} ...", flush=True)
         started = time.time()
         result = fn(out, args)
         result["stage_wall_s"] = round(time.time() - started, 1)
         _save_stage(out, name, result)
-        print(f"[demo] {number}/{len(STAGES)} {name}: done in {result['stage_wall_s']:.0f} s", flush=True)
-    report = os.path.join(out, "report", "README.md")
-    print(f"[demo] finished; report: {report}", flush=True)
-    return report
+        print(f"[{tag}] {number}/{len(stages)} {name}: done in {result['stage_wall_s']:.0f} s", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
