@@ -64,11 +64,14 @@ def pretrain_summary(metrics_path: str) -> dict:
 
 def finetune_summary(output: str, task: dict, seeds: list[int]) -> dict:
     """Mean and sample std over seeds of one task's dev score (percent), from each run's result.json."""
-    from finetune.sweep import collect_results, make_runs, summarize
+    from finetune.sweep import make_runs, read_result, summarize
     from finetune.tasks import get_task
 
     runs = make_runs([task["task"]], [task["lr"]], seeds)
-    results = collect_results(output, runs)
+    # the ablation's finetune stage owns these runs (its stage markers decide what is redone), so a
+    # finished run's result.json is taken as it is
+    found = {r: read_result(os.path.join(output, r.rel_dir)) for r in runs}
+    results = {r: res for r, res in found.items() if res is not None}
     if len(results) != len(runs):
         raise ValueError(f"{output} holds {len(results)} of {len(runs)} finetuning results: rerun the ablation (it resumes)")
     best, _, _ = summarize(results)
