@@ -8,14 +8,17 @@ passes *are* the cost. Here:
 
 * ``bag_forward``: out[t] = sum_k w[t, k] * V[idx[t, k]], token-major, fp32 accumulation, the result
   written once in the activation dtype (one read of each looked-up row; no [T, K, d] gather).
-* ``row_grouped_backward``: one pass over the lookups grouped by row (one sort per step, shared with
-  nothing else). For each distinct row r it reads V[r] *once*, and for each lookup (t, k) of r it reads
-  grad_out[t] (small, [T, d], mostly L2-resident) to produce both gradients at once:
+* ``row_grouped_backward``: one pass over the lookups grouped by row (one sort per step). Each
+  row's run of sorted lookups is a segment (a hot row is split into segments of at most ``seg``
+  lookups, whose partial sums a second small kernel adds in order); a program walks ``block_r``
+  segments of similar length side by side over a block of columns, reads each segment's row V[r]
+  *once*, and for each lookup (t, k) reads grad_out[t] (small, [T, d], mostly L2-resident) to
+  produce both gradients at once:
     value grad  G[r]     = sum_(t,k) w[t, k] * grad_out[t]            -> [U, d] fp32, coalesced
     score grad  dw[t, k] = <grad_out[t], V[r]>                         -> [T*K] fp32
-  so the table is read once per distinct row instead of once per lookup (~9x less at BERT-large
-  shape), and the ATen backward's two separate passes become one. Deterministic: every row's sum is
-  taken in the (stable) sorted order by a single program, no atomics.
+  so the table is read about once per distinct row instead of once per lookup (~8x less at
+  BERT-large shape), and the ATen backward's two separate passes become one. Deterministic: every
+  output element has one writer and every sum is taken in the (stable) sorted order; no atomics.
 * ``gather_dots``: dw[t, k] = <x[t], V[idx[t, k]]>, token-major (the sub-key scores of
   ``pkm.memory``, where the table is small and cache resident, so grouping by row does not pay).
 * ``sparse_adam_rows``: one pass per touched row: read weight, both moments and the gradient, write
