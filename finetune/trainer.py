@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from finetune.config import FinetuneConfig
+from pkm.lr_schedule import warmup_decay
 from pkm.value_step import global_grad_norm
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,8 @@ def start_run(cfg: FinetuneConfig, data: dict, eval_splits: Iterable[str]) -> tu
 
 
 def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return factor
+    """Linear warmup, then linear decay to 0 at ``total_steps`` (the shape pretraining uses too)."""
+    return warmup_decay(warmup_steps, total_steps, "linear")
 
 
 def dense_param_groups(model: torch.nn.Module, weight_decay: float, exclude: set[int]

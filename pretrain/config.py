@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pkm.atomic_io import write_json_atomic
+from pkm.lr_schedule import SCHEDULE_SHAPES
 from pkm.memory_config import BERT_PKM_KEYS, MemoryConfig
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "parse_override_args",
 ]
 
-DECAY_SHAPES = ("linear", "cosine", "constant")
+DECAY_SHAPES = SCHEDULE_SHAPES  # pkm.lr_schedule.warmup_decay
 DENSE_OPTIMIZER_IMPLS = ("auto", "torch", "deepspeed")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 

@@ -25,7 +25,6 @@ checkpoint), the value one through a LambdaLR on SparseAdam stepped right after.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import random
 import signal
@@ -38,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
+from pkm.lr_schedule import warmup_decay
 from pkm.value_step import step_values
 from pretrain import checkpoint as ckpt
 from pretrain.config import OptimConfig, RunConfig, config_to_dict
@@ -55,25 +55,10 @@ __all__ = ["lr_lambda", "build_engine", "compile_encoder_layers", "model_inputs"
 
 
 def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak lr after ``step`` optimizer steps (LambdaLR convention: step 0 is the
-    first update). Linear warmup over ``warmup_steps`` (the first update uses 1/warmup of the peak),
-    then decay to ``min_lr_ratio`` at ``decay_steps`` (default max_steps) and flat after it."""
-    warmup = optim.warmup_steps
+    """The run's lr multiplier per optimizer step (``pkm.lr_schedule.warmup_decay``): warmup over
+    ``warmup_steps``, then ``decay`` to ``min_lr_ratio`` at ``decay_steps`` (default max_steps)."""
     horizon = optim.decay_steps if optim.decay_steps is not None else max_steps
-    floor = optim.min_lr_ratio
-    shape = optim.decay
-
-    def fn(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if shape == "constant" or horizon <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
-        if shape == "linear":
-            return floor + (1.0 - floor) * (1.0 - progress)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
-
-    return fn
+    return warmup_decay(optim.warmup_steps, horizon, optim.decay, optim.min_lr_ratio)
 
 
 def seed_everything(seed: int) -> None:

@@ -243,7 +243,7 @@ def test_quick_ablation_end_to_end_table_equals_the_runs_files(tmp_path):
     # a scratch run and the memory-less baseline: both model paths, memory and "n/a" cells
     cmd = [sys.executable, "-m", "pretrain.ablation", "--out", str(out), "--quick", "--steps", "3",
            "--max-articles", "24", "--only", "residual_scratch,baseline"]
-    subprocess.run(cmd, cwd=REPO_ROOT, check=True, timeout=900)
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True, timeout=2400)
     report = (out / "report" / "README.md").read_text()
     results = json.loads((out / "report" / "results.json").read_text())
     rows = _markdown_table(report)
