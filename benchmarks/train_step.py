@@ -610,12 +610,12 @@ def _init_process_group(device: torch.device) -> None:
         os.environ.setdefault(key, value)
     import logging
 
-    import deepspeed
+    from pretrain.distributed import init_distributed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    init_distributed("nccl" if device.type == "cuda" else "gloo")
 
 
 def main(argv: list[str] | None = None) -> int:

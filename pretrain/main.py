@@ -533,11 +533,11 @@ def build_model(prep: PreparedRun):
 
 def run(prep: PreparedRun):
     """Initialise distributed + DeepSpeed, build everything, train. Returns the TrainResult."""
-    import deepspeed
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from pretrain.distributed import init_distributed
     from pretrain.logging_utils import get_logger
     from pretrain.trainer import (
         Trainer,
@@ -554,7 +554,7 @@ def run(prep: PreparedRun):
         # kernels (and a fixed cuBLAS workspace) for a resumed run to match bit for bit.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == prep.world_size, (world, prep.world_size)
     accel = get_accelerator()

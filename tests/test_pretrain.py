@@ -8,6 +8,7 @@ several tests need (the ZeRO-3 run with its kill/resume twin) are made once per 
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
@@ -106,14 +107,19 @@ def _free_port() -> int:
 
 def launch(cfg: dict, ds_config: str, nproc: int, extra: list[str] | None = None,
            timeout: int = 300) -> tuple[int, str]:
-    """Run pretrain.main under the deepspeed launcher; returns (exit code, combined output)."""
+    """Run pretrain.main under the deepspeed launcher; returns (exit code, combined output).
+    Every launch also checks that the run left no DeepSpeed shared-memory segment in /dev/shm
+    (pretrain.distributed: one leaked 69 MB segment per rank per run exhausted CI's memory)."""
     os.makedirs(cfg["train"]["out_dir"], exist_ok=True)
     cfg_path = os.path.join(cfg["train"]["out_dir"], "..", os.path.basename(cfg["train"]["out_dir"]) + "_cfg.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "pretrain.main",
+    port = _free_port()
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), "--module", "pretrain.main",
            "--deepspeed_config", os.path.join(REPO, "ds_configs", ds_config), "--config", cfg_path, *(extra or [])]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **RANK_ENV})
+    leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    assert not leaked, f"the run left shared memory behind: {leaked}"
     return p.returncode, p.stdout + p.stderr
 
 

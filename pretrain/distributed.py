@@ -1,0 +1,44 @@
+"""Process-group start-up: ``deepspeed.init_distributed`` without its /dev/shm leak.
+
+On the cpu accelerator, DeepSpeed (0.19) gives every rank of a single-node launch a 69 MB
+shared-memory segment for its low-latency allreduce (``/dev/shm/deepspeed_allreduce_buffer_<uid>_
+<addr>_<port>_<rank>``) and never unlinks it. /dev/shm is RAM: every CPU run, finished or killed,
+leaves 69 MB per rank behind, and a few hundred runs (a test suite, a sweep) exhaust the machine.
+Once every rank has mapped every segment, the names are no longer needed: each rank unlinks its
+own, and the kernel frees the memory when the last process holding a mapping exits, however it
+exits. The allreduce itself keeps working.
+"""
+from __future__ import annotations
+
+import os
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_segment_path(rank: int) -> str:
+    """The segment DeepSpeed's shm allreduce creates for ``rank`` in this launch."""
+    addr = os.environ.get("MASTER_ADDR", "")
+    port = os.environ.get("MASTER_PORT", "")
+    return os.path.join(SHM_DIR, f"{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """``deepspeed.init_distributed`` with the accelerator's backend; then drop this rank's
+    shared-memory name once all ranks have opened theirs (a barrier orders the two)."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    deepspeed.init_distributed(dist_backend=backend or accel.communication_backend_name())
+    if accel.device_name() != "cpu":
+        return  # the segments exist only on the cpu accelerator
+    # shm_initialize opens every peer's segment before init_distributed returns on that peer, so
+    # after the barrier no rank still needs a name to find one. Every rank takes the same branch.
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    try:
+        os.unlink(shm_segment_path(dist.get_rank()))
+    except FileNotFoundError:
+        pass  # ranks on several nodes, or a DeepSpeed that names or removes it otherwise
