@@ -128,7 +128,7 @@ def bench_layers(args) -> list[dict]:
     rows = []
     print(f"\n== layer fwd+bwd+update, d={args.dim}, N={args.n_keys}^2, H={args.heads}, k={args.knn}, "
           f"k_dim={args.k_dim}; median of {args.iters} (ms) ==")
-    print(f"| tokens | dtype | ours (Triton) | ours (torch ops) | XLM | FFN | ours / XLM |")
+    print("| tokens | dtype | ours (Triton) | ours (torch ops) | XLM | FFN | ours / XLM |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for tokens in args.token_counts:
         for dtype in (torch.float32, torch.bfloat16):

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from finetune.config import FinetuneConfig, config_fields
 from finetune.tasks import GLUE_TASKS, canonical_task_name, get_task
-from pkm.atomic_io import write_json_atomic
+from pkm.atomic_io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -454,19 +454,6 @@ def summarize(results: dict[Run, dict[str, Any]]) -> tuple[list[dict], list[dict
     return best_rows, all_rows, (float(np.mean(glue)) if glue else None)
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    """Write via a temp file and a rename, so an interrupted write never leaves half a table."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _csv_text(rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
@@ -487,12 +474,12 @@ def write_results(output: str, runs: list[Run], configs: dict[Run, FinetuneConfi
         n = sum(get_task(r["task"]).is_glue for r in best_rows)
         best.append(["glue_average", f"mean of {n} GLUE task scores", "", f"{glue_avg:.4f}",
                      "", "", "", ""])
-    _write_text_atomic(os.path.join(output, "results.csv"), _csv_text(best))
+    write_text_atomic(os.path.join(output, "results.csv"), _csv_text(best))
     every = [["task", "lr", "metric", "mean", "std", "n_seeds", "seeds"]]
     for row in all_rows:
         every.append([row["task"], _fmt_lr(row["lr"]), row["metric"], f"{row['mean']:.4f}",
                       f"{row['std']:.4f}", row["n_seeds"], " ".join(map(str, row["seeds"]))])
-    _write_text_atomic(os.path.join(output, "results_all.csv"), _csv_text(every))
+    write_text_atomic(os.path.join(output, "results_all.csv"), _csv_text(every))
     lines = ["# Finetuning results", "",
              f"{len(results)} of {len(runs)} runs finished. Dev scores in %: "
              "the GLUE task score is the mean of the task's metrics (MRPC/QQP: F1 and accuracy, "
@@ -512,7 +499,7 @@ def write_results(output: str, runs: list[Run], configs: dict[Run, FinetuneConfi
     for row in all_rows:
         lines.append(f"| {row['task']} | {_fmt_lr(row['lr'])} | {row['mean']:.2f} ± "
                      f"{row['std']:.2f} | {row['n_seeds']} |")
-    _write_text_atomic(os.path.join(output, "results.md"), "\n".join(lines) + "\n")
+    write_text_atomic(os.path.join(output, "results.md"), "\n".join(lines) + "\n")
     return best_rows, glue_avg
 
 

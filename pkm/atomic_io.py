@@ -7,7 +7,7 @@ import os
 import tempfile
 from typing import Any
 
-__all__ = ["write_json_atomic", "current_umask", "honour_umask"]
+__all__ = ["write_text_atomic", "write_json_atomic", "current_umask", "honour_umask"]
 
 
 def current_umask() -> int:
@@ -32,20 +32,19 @@ def honour_umask(fd: int) -> None:
     os.fchmod(fd, 0o666 & ~current_umask())
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
-    """Write ``obj`` as JSON to a temp file in the same folder, fsync, then rename over ``path``.
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temp file in the same folder, fsync, then rename over ``path``.
 
     The rename is atomic on POSIX file systems, so ``path`` holds either the old or the new content;
     a crash leaves at most a ``.tmp-*`` file, which is removed when the write itself fails.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
         honour_umask(fd)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, sort_keys=sort_keys, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,3 +52,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None =
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
+    """``obj`` as JSON (one trailing newline), written with ``write_text_atomic``."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")

@@ -15,7 +15,7 @@ import os
 import re
 from typing import Any
 
-from pkm.atomic_io import write_json_atomic
+from pkm.atomic_io import write_json_atomic, write_text_atomic
 from pretrain.demo_report import _plot, _records
 
 MEMORY_METRICS = ("usage", "top1_usage", "kl_uniform", "gini", "stale_frac")
@@ -218,7 +218,7 @@ def stage_times(out: str) -> list[str]:
     if not times:
         return []
     total = sum(w for _, w in times)
-    return [f"- stage wall times (s, this output folder; a resumed stage counts its last attempt): "
+    return ["- stage wall times (s, this output folder; a resumed stage counts its last attempt): "
             + ", ".join(f"{name} {wall:.0f}" for name, wall in times) + f"; sum {total:.0f} s"]
 
 
@@ -292,9 +292,6 @@ def write_ablation_report(out: str, study: Any, quick: bool = False, command: st
     write_json_atomic(os.path.join(report_dir, "results.json"),
                       {"runs": runs, "tasks": study.tasks, "seeds": study.seeds, "study": study.path})
     readme = os.path.join(report_dir, "README.md")
-    tmp = readme + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, readme)
+    write_text_atomic(readme, "\n".join(lines) + "\n")
     return {"report": readme, "results": os.path.join(report_dir, "results.json"),
             "plots": [file for _, file in plots]}

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pkm.atomic_io import write_json_atomic, write_text_atomic
 from pkm.checkpoint_values import load_full_values, load_value_shards, save_value_shards
-from pkm.atomic_io import write_json_atomic
 from pretrain.safe_load import deepspeed_files_loaded_safely, load_weights_only, numpy_rng_globals
 
 __all__ = [
@@ -322,12 +322,7 @@ def save_checkpoint(
         }
         write_json_atomic(os.path.join(tmp, "meta.json"), meta)
         os.replace(tmp, final)
-        latest_tmp = os.path.join(root, "latest.tmp")
-        with open(latest_tmp, "w", encoding="utf-8") as f:
-            f.write(step_dir_name(step) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(latest_tmp, os.path.join(root, "latest"))
+        write_text_atomic(os.path.join(root, "latest"), step_dir_name(step) + "\n")
         for old in _rotated_out(root, step, keep_last_k):
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -151,8 +151,6 @@ class TrainConfig:
     max_skipped_steps: int = 20  # stop (exit 3) after this many non-finite/skipped steps in a row; 0: never
     tensorboard: bool = True
     deterministic: bool = False  # torch deterministic algorithms (GPU: bitwise-reproducible resume, slower)
-    debug_kill_after_step: int = 0  # tests: SIGKILL every rank right after this step's checkpoint
-    debug_dump_logits: bool = False  # tests: save the first validation batch's logits at the end
     # torch.compile the encoder layers without a memory (in place; checkpoints unchanged). Off by
     # default: the first steps pay the compilation (about a minute for BERT-large on a GPU, and CPUs
     # need a C++ compiler); worth it for long GPU runs.
@@ -172,7 +170,7 @@ class RunConfig:
         o, t, d = self.optim, self.train, self.data
         if t.max_steps <= 0:
             raise ValueError(f"train.max_steps must be positive, got {t.max_steps}.")
-        for name in ("log_every", "eval_every", "ckpt_every", "debug_kill_after_step", "max_skipped_steps"):
+        for name in ("log_every", "eval_every", "ckpt_every", "max_skipped_steps"):
             if getattr(t, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(t, name)}.")
         if t.log_every == 0:
@@ -274,9 +272,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys that earlier versions wrote into run_config.json and no longer mean anything (test hooks):
+# accepted and dropped, so a run folder's own run_config.json still loads for a resume.
+_RETIRED_KEYS = {"train.debug_kill_after_step", "train.debug_dump_logits"}
+
+
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}.")
+    data = {k: v for k, v in data.items() if prefix + k not in _RETIRED_KEYS}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from pkm.atomic_io import write_json_atomic
+from pkm.atomic_io import write_json_atomic, write_text_atomic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -213,11 +213,7 @@ def _pretrain_config(out: str, args: argparse.Namespace) -> dict:
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _read_jsonl(path: str) -> list[dict]:

@@ -486,8 +486,6 @@ def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: lis
     resume_from = _checkpoint_to_resume(t, world_size, rank)
     if resume_from:
         _check_resume_matches(resume_from, cfg, model_config)
-    if t.debug_kill_after_step and t.ckpt_every and t.debug_kill_after_step % t.ckpt_every:
-        raise ValueError("train.debug_kill_after_step must be a multiple of train.ckpt_every (the kill follows a checkpoint).")
     return PreparedRun(cfg, ds, model_config, tok_dir, world_size, rank, local_rank, resume_from)
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
+from pkm.atomic_io import write_text_atomic
 from pkm.lr_schedule import warmup_decay
 from pkm.value_step import step_values
 from pretrain import checkpoint as ckpt
@@ -347,9 +348,7 @@ class Trainer:
         self.metrics.close()
         with open(path, encoding="utf-8") as f:
             lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(path + ".tmp", path)
+        write_text_atomic(path, "".join(lines))
         self.metrics = MetricsLogger(self.cfg.train.out_dir, rank=self.rank, tensorboard=self.cfg.train.tensorboard,
                                      max_steps=self.cfg.train.max_steps, logger=self.logger)
 
@@ -606,37 +605,17 @@ class Trainer:
                             f"statistics, so no final checkpoint was written; the last good checkpoint is "
                             f"{self.last_checkpoint}: lower optim.lr or raise optim.warmup_steps and resume from it.")
                 self._interval_excluded_s += time.perf_counter() - t_other
-                if t.debug_kill_after_step and step == t.debug_kill_after_step:
-                    # tests: die like a preempted node right after a complete checkpoint
-                    self.metrics.close()
-                    if dist.is_initialized():
-                        dist.barrier()
-                    os.kill(os.getpid(), signal.SIGKILL)
                 if stop:
                     interrupted = True
                     self.logger.info(f"stopping at step {step} on signal {self.stop.signum}; checkpoint saved")
                     break
             if not interrupted:
                 self.evaluate()
-                if t.debug_dump_logits:
-                    self.dump_logits()
         finally:
             self.stop.uninstall()
             self.metrics.close()
         return TrainResult(self.state.step, interrupted, self.last_checkpoint,
                            last_metrics["loss"] if last_metrics else None)
-
-    @torch.no_grad()
-    def dump_logits(self) -> None:
-        """Tests: the live model's full logits on the first validation batch (rank 0's), to compare
-        with the converted HF model."""
-        self.engine.eval()
-        batch = self._to_device(next(iter(self.val_data.batches(1))))
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        out = self.engine(**inputs, masked_logits_only=False)
-        if self.rank == 0:
-            torch.save({"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": out.logits.float().cpu()},
-                       os.path.join(self.cfg.train.out_dir, "debug_logits.pt"))
 
 
 def _mlm_hits(logits: torch.Tensor, labels: torch.Tensor,

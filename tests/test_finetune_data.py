@@ -305,7 +305,7 @@ def test_squad_answer_start_far_off_names_file_and_question(tmp_path):
 
 def test_squad_features_refuse_a_wrong_answer_start():
     from finetune.squad_features import prepare_features
-    from finetune.testing import make_tokenizer
+    from tests.tiny_finetune_models import make_tokenizer
 
     tok = make_tokenizer(["the cat sat on the mat", "where"])
     with pytest.raises(ValueError, match="answer_start 3 does not point at its answer 'mat'"):

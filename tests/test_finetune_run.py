@@ -11,7 +11,7 @@ import pytest
 import finetune
 from finetune.__main__ import main as cli_main
 from finetune.tasks import GLUE_TASKS
-from finetune.testing import make_tiny_bert, write_keyword_sst2
+from tests.tiny_finetune_models import make_tiny_bert, write_keyword_sst2
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -5,7 +5,7 @@ import pytest
 
 from finetune.squad_features import (QaFeatures, check_lengths, postprocess_predictions,
                                      prepare_features)
-from finetune.testing import make_tokenizer
+from tests.tiny_finetune_models import make_tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

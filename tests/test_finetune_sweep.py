@@ -10,7 +10,7 @@ from finetune import sweep
 from finetune.__main__ import build_parser
 from finetune.cli_args import config_from_args
 from finetune.config import FinetuneConfig
-from finetune.testing import make_tiny_bert, write_keyword_sst2
+from tests.tiny_finetune_models import make_tiny_bert, write_keyword_sst2
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

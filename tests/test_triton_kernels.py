@@ -79,7 +79,7 @@ def test_lookup_backward_matches_torch_path(cols, dtype):
 def test_row_grouped_backward_splits_hot_rows(compute_dots):
     """Rows with more lookups than a segment are split and their partials summed; several column
     blocks each write a share of every dot: all of it must equal the torch path."""
-    from pkm.values import _row_grouped, sort_lookups
+    from pkm.values import sort_lookups
 
     table = _table(20, 10)
     idx, w = _lookups(12, 5, 20)  # row 3 is looked up by 6+ tokens, duplicates in every bag
