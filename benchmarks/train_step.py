@@ -245,7 +245,8 @@ def build_ours(shape: Shape, with_memory: bool, memory: dict, device: torch.devi
     from pkm.modeling import BertPkmForMaskedLM
     from pkm.presets import preset_config
     from pretrain.config import load_config
-    from pretrain.trainer import Trainer, build_engine, seed_everything
+    from pretrain.engine import build_engine
+    from pretrain.trainer import Trainer, seed_everything
 
     out_dir = tempfile.mkdtemp(prefix="bench_train_step_")
     cfg = load_config(None, [("train.out_dir", out_dir), ("train.tensorboard", False),
@@ -261,12 +262,12 @@ def build_ours(shape: Shape, with_memory: bool, memory: dict, device: torch.devi
     model.set_attn_implementation(cfg.model.attn_implementation)
     model.train()
     ds = _ds_config(cfg, micro, precision, device.type == "cuda", ds_path)
-    engine, tables, vopt, vsched = build_engine(model, cfg, ds, device)
+    engine, values = build_engine(model, cfg, ds, device)
     if engine.device != device:
         raise RuntimeError(f"DeepSpeed put the engine on {engine.device}, not on {device}: run the CPU rows "
                            "with DS_ACCELERATOR=cpu (set by --device cpu) or choose --device cuda.")
     stream = CyclingStream([])
-    trainer = Trainer(cfg, engine, tables, vopt, vsched, stream, None, ds, rank=0, world_size=1)
+    trainer = Trainer(cfg, engine, values, stream, None)
     trainer.logger.setLevel("WARNING")
 
     def set_batches(batches: list[dict]) -> None:

@@ -74,8 +74,10 @@ class TrainState:
     step: int = 0  # optimizer steps done
     tokens_seen: int = 0  # non-padding tokens, summed over ranks
     samples_seen: int = 0  # sequences, summed over ranks
+    # The data position belongs to the TrainStream; these two are its snapshot at save time
+    # ("sampler": the key checkpoints have always used), handed back to it on resume.
     epoch: int = 0
-    sampler: dict[str, Any] = field(default_factory=dict)  # the train sampler's state_dict (data position)
+    sampler: dict[str, Any] = field(default_factory=dict)  # TrainStream.state_dict()
     rng: dict[str, Any] = field(default_factory=dict)  # python / numpy / torch (/ cuda) RNG states
     staleness: list[dict[str, Any]] = field(default_factory=list)  # one StalenessTracker state per memory
 

@@ -10,7 +10,7 @@ Split of responsibilities (DESIGN.md: "no value is set in two places"):
 
 The DeepSpeed JSON therefore must not carry "optimizer", "scheduler" or "gradient_clipping":
 ``pretrain.main`` writes those blocks from ``optim`` so that the dense and the value schedules
-come from one schedule function (``pretrain.trainer.lr_schedule``).
+come from one schedule function (``pretrain.engine.lr_lambda``).
 """
 
 from __future__ import annotations

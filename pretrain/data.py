@@ -1,8 +1,9 @@
-"""MLM data over the shards written by ``data_prep``: packing, dynamic masking, sampler, collate.
+"""MLM data over the shards written by ``data_prep``: packing, dynamic masking, sampler, collate,
+and the training stream that owns the data position.
 
 API for the pretraining loop::
 
-    from pretrain.data import MLMDataset, MLMSampler, collate_mlm
+    from pretrain.data import MLMDataset, MLMSampler, TrainStream
 
     ds = MLMDataset("data/shards", split="train", max_seq_len=128, packing="full",
                     mask_prob=0.15, whole_word_masking=False, seed=1234)
@@ -11,6 +12,10 @@ API for the pretraining loop::
     loader = torch.utils.data.DataLoader(ds, batch_size=micro_batch, sampler=sampler,
                                          collate_fn=ds.collate, num_workers=1)
     batch = next(iter(loader))   # {input_ids, attention_mask, token_type_ids, labels}: LongTensor [B, S]
+
+    stream = TrainStream.from_config(run_config, micro_batch, rank, world)   # what the trainer uses
+    batch = stream.next_batch()  # the same, plus the index lists of masked and real positions
+    stream.state_dict()          # the data position, for a checkpoint; load_state_dict resumes there
 
 Packing (``packing``):
   * ``"full"`` (RoBERTa FULL-SENTENCES): the split is one token stream, documents joined by an extra
@@ -33,15 +38,17 @@ Sampler: a global stream of samples, epoch after epoch, each epoch a permutation
 epoch); global position g goes to rank ``g % world_size``. So every epoch covers every sample exactly
 once across ranks, all ranks get the same number of samples, and resuming is exact at sample
 granularity from the number of global samples consumed (independent of the world size). With a
-DataLoader that prefetches, the sampler runs ahead of training; checkpoint the count of samples the
-loop actually consumed and pass it back as ``consumed_samples`` (``state_dict()`` is exact when the
-sampler is iterated directly).
+DataLoader that prefetches, the sampler runs ahead of training, so the sampler does not track a
+position: ``consumed_samples`` is only where it starts. The data position has one owner,
+:class:`TrainStream`, which counts the samples the loop actually consumed; a checkpoint stores its
+``state_dict()`` and a resume rebuilds the sampler from that count.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -366,7 +373,6 @@ class MLMSampler(torch.utils.data.Sampler):
             epoch = g // self.num_samples
             index = int(self._permutation(epoch)[g % self.num_samples])
             base += self.world_size
-            self.consumed_samples = base   # before yielding: a state saved now resumes after this sample
             yield epoch, index
 
     def __len__(self) -> int:
@@ -375,13 +381,71 @@ class MLMSampler(torch.utils.data.Sampler):
         remaining = self._end() - self.consumed_samples - self.rank
         return max(0, -(-int(remaining) // self.world_size))
 
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "num_samples": self.num_samples, "seed": self.seed,
-                "shuffle": self.shuffle}
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("num_samples", "seed", "shuffle"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"sampler state was saved with {key}={state[key]}, this sampler has {getattr(self, key)}; "
-                                 "resume with the same data and seed")
+class TrainStream:
+    """An endless, resumable stream of this rank's micro-batches (MLMDataset + MLMSampler + DataLoader).
+
+    The data position is the number of *global* samples the loop has consumed (counted here, not
+    read from the sampler, which a prefetching DataLoader runs ahead of); resuming rebuilds the
+    loader at that position, and since masks are seeded per (seed, epoch, index) the batches after
+    a resume are the ones the uninterrupted run would have seen.
+    """
+
+    def __init__(self, shard_dir: str, split: str, max_seq_len: int, packing: str, mask_prob: float,
+                 whole_word_masking: bool, seed: int, micro_batch: int, rank: int, world_size: int,
+                 num_workers: int = 0, pin_memory: bool | None = None) -> None:
+        self.dataset = MLMDataset(shard_dir, split=split, max_seq_len=max_seq_len, packing=packing,
+                                  mask_prob=mask_prob, whole_word_masking=whole_word_masking, seed=seed)
+        self.seed, self.micro_batch = seed, micro_batch
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        # page-locked batches let the trainer's non_blocking copies to a GPU run asynchronously
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.consumed_samples = 0
+        self._iter: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, micro_batch: int, rank: int, world_size: int,
+                    pin_memory: bool | None = None) -> "TrainStream":
+        """The training split of a run config (``pretrain.config.RunConfig``), this rank's share."""
+        d = cfg.data
+        return cls(d.shard_dir, d.train_split, d.max_seq_len, d.packing, d.mlm_probability, d.whole_word_masking,
+                   cfg.train.seed, micro_batch, rank, world_size, d.num_workers, pin_memory=pin_memory)
+
+    def _start(self) -> None:
+        sampler = MLMSampler(len(self.dataset), rank=self.rank, world_size=self.world_size, seed=self.seed,
+                             shuffle=True, consumed_samples=self.consumed_samples)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.micro_batch, sampler=sampler,
+            # with the index lists of the masked positions and real tokens: a GPU step needs no host sync
+            collate_fn=functools.partial(self.dataset.collate, with_positions=True),
+            num_workers=self.num_workers, persistent_workers=False, pin_memory=self.pin_memory,
+            # its own generator: creating an iterator draws a base seed, which from the global RNG
+            # would shift the dropout stream of a resumed run (the loader is rebuilt on resume)
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        self._iter = iter(loader)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self._iter is None:
+            self._start()
+        batch = next(self._iter)
+        self.consumed_samples += self.micro_batch * self.world_size
+        return batch
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed_samples // len(self.dataset)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_samples": self.consumed_samples, "num_samples": len(self.dataset), "seed": self.seed,
+                "micro_batch": self.micro_batch, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_samples", len(self.dataset)) != len(self.dataset) or state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                "the checkpoint's data position was saved for another dataset or seed "
+                f"({state.get('num_samples')} samples, seed {state.get('seed')}; now {len(self.dataset)}, "
+                f"{self.seed}): resume with the same data.shard_dir, data.max_seq_len and train.seed."
+            )
         self.consumed_samples = int(state["consumed_samples"])
+        self._iter = None

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["ValidationData", "evaluate_mlm"]
+__all__ = ["ValidationData", "evaluate_mlm", "mlm_hits"]
 
 
 class ValidationData:
@@ -28,6 +28,13 @@ class ValidationData:
                                   mask_prob=mask_prob, whole_word_masking=whole_word_masking, seed=seed)
         self.micro_batch = micro_batch
         self.rank, self.world_size = rank, world_size
+
+    @classmethod
+    def from_config(cls, cfg: Any, micro_batch: int, rank: int, world_size: int) -> "ValidationData":
+        """The validation split of a run config (``pretrain.config.RunConfig``), this rank's share."""
+        d = cfg.data
+        return cls(d.shard_dir, d.val_split, d.max_seq_len, d.packing, d.mlm_probability, d.whole_word_masking,
+                   cfg.train.seed, micro_batch, rank, world_size)
 
     def _sampler(self):
         from pretrain.data import MLMSampler
@@ -52,6 +59,21 @@ class ValidationData:
                 keys, done = [], done + 1
         if keys and done < n:
             yield self.dataset.collate([self.dataset[k] for k in keys])
+
+
+def mlm_hits(logits: torch.Tensor, labels: torch.Tensor,
+             masked_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    """(correct predictions, predicted positions) of one micro-batch, without a host sync when
+    ``masked_positions`` are known or the logits cover every position. logits: [M, vocab] (only the
+    labelled positions, in row-major order) or [B, S, vocab]; labels [B, S] (-100: not predicted)."""
+    if logits.dim() == 3:
+        predicted = labels != -100  # [B, S]
+        return ((logits.argmax(-1) == labels) & predicted).sum(), predicted.sum()
+    if masked_positions is not None:
+        target = labels.reshape(-1).index_select(0, masked_positions)  # [M]
+    else:
+        target = labels[labels != -100]  # [M]; a boolean index syncs on a GPU
+    return (logits.argmax(-1) == target).sum(), target.numel()
 
 
 def _all_reduce(t: torch.Tensor, group: Any, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -101,7 +123,7 @@ def evaluate_mlm(
         # a batch without masked tokens has a NaN mean over nothing and weight 0; any other
         # non-finite loss is the model's (a diverged run) and must show in the result
         sums[0] += torch.where(m > 0, out.loss.double() * m, torch.zeros((), dtype=torch.float64, device=device))
-        sums[1] += (out.logits.argmax(-1) == labels[selected]).sum()
+        sums[1] += mlm_hits(out.logits, labels)[0]
         sums[2] += m
         sums[3] += batch["attention_mask"].sum()
         for usage, mo in zip(usages, last_memory_outputs(model)):

@@ -535,15 +535,12 @@ def run(prep: PreparedRun):
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from pretrain.data import TrainStream
     from pretrain.distributed import init_distributed
+    from pretrain.engine import build_engine
+    from pretrain.evaluate import ValidationData
     from pretrain.logging_utils import get_logger
-    from pretrain.trainer import (
-        Trainer,
-        TrainStream,
-        ValidationData,
-        build_engine,
-        seed_everything,
-    )
+    from pretrain.trainer import Trainer, seed_everything
 
     cfg, ds = prep.cfg, prep.ds_config
     logger = get_logger(prep.rank)
@@ -573,21 +570,16 @@ def run(prep: PreparedRun):
     model, summary = build_model(prep)
     logger.info(f"model: {summary}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M dense parameters "
                 f"before sharding; world {world} ({accel.device_name()}, {dist.get_backend()})")
-    engine, tables, value_opt, value_sched = build_engine(model, cfg, ds, device)
-    for name, t in tables.items():
+    engine, values = build_engine(model, cfg, ds, device)
+    for name, t in values.tables.items():
         logger.info(f"value table {name}: {t.num_rows} x {t.dim}, this rank holds columns "
                     f"[{t.col_start}, {t.col_end}) = {tuple(t.weight.shape)} "
                     f"({t.weight.numel() * t.weight.element_size() / 2**20:.2f} MiB)")
     seed_everything(cfg.train.seed + 1000 * rank)  # dropout streams differ across ranks
-    d = cfg.data
     micro = ds["train_micro_batch_size_per_gpu"]
-    train_data = TrainStream(d.shard_dir, d.train_split, d.max_seq_len, d.packing, d.mlm_probability,
-                             d.whole_word_masking, cfg.train.seed, micro, rank, world, d.num_workers,
-                             pin_memory=device.type == "cuda")
-    val_data = ValidationData(d.shard_dir, d.val_split, d.max_seq_len, d.packing, d.mlm_probability,
-                              d.whole_word_masking, cfg.train.seed, micro, rank, world)
-    trainer = Trainer(cfg, engine, tables, value_opt, value_sched, train_data, val_data, ds, rank, world,
-                      group=None, model_config=prep.model_config, tokenizer_dir=prep.tokenizer_dir)
+    train_data = TrainStream.from_config(cfg, micro, rank, world, pin_memory=device.type == "cuda")
+    val_data = ValidationData.from_config(cfg, micro, rank, world)
+    trainer = Trainer(cfg, engine, values, train_data, val_data, tokenizer_dir=prep.tokenizer_dir)
     if prep.resume_from:
         trainer.resume(prep.resume_from)
     result = trainer.train()

@@ -17,49 +17,34 @@ grads come from that same loss; ``ShardedValueTable(grad_reduction="mean")`` alr
 that turns its sum over all ranks' tokens into the data-parallel mean. Only the fp16 loss scale is
 removed here (read from the engine's optimizer before ``engine.step`` may change it).
 
-Both learning rates follow ``lr_lambda`` (warmup, then linear/cosine/constant): the dense one through
+Both learning rates follow ``pretrain.engine.lr_lambda`` (warmup, then linear/cosine/constant): the dense one through
 a LambdaLR the engine owns (stepped by the engine, skipped with its step on overflow, saved in its
 checkpoint), the value one through a LambdaLR on SparseAdam stepped right after.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.optim.lr_scheduler import LambdaLR
 
 from pkm.atomic_io import write_text_atomic
-from pkm.lr_schedule import warmup_decay
 from pkm.value_step import step_values
 from pretrain import checkpoint as ckpt
-from pretrain.config import OptimConfig, RunConfig, config_to_dict
-from pretrain.evaluate import ValidationData, evaluate_mlm
+from pretrain.config import RunConfig, config_to_dict
+from pretrain.engine import ValueTables
+from pretrain.evaluate import evaluate_mlm, mlm_hits
 from pretrain.logging_utils import MetricsLogger, get_logger
+from pretrain.stop_flag import StopFlag
 from pretrain.throughput import flops_per_sequence, non_embedding_params, throughput_metrics
 
-__all__ = ["lr_lambda", "build_engine", "compile_encoder_layers", "model_inputs", "Trainer", "TrainResult",
-           "TrainStream", "TrainingDiverged", "ValidationData", "seed_everything"]
-
-
-# --------------------------------------------------------------------------------------------------
-# The one schedule both optimizers follow
-# --------------------------------------------------------------------------------------------------
-
-
-def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
-    """The run's lr multiplier per optimizer step (``pkm.lr_schedule.warmup_decay``): warmup over
-    ``warmup_steps``, then ``decay`` to ``min_lr_ratio`` at ``decay_steps`` (default max_steps)."""
-    horizon = optim.decay_steps if optim.decay_steps is not None else max_steps
-    return warmup_decay(optim.warmup_steps, horizon, optim.decay, optim.min_lr_ratio)
+__all__ = ["model_inputs", "Trainer", "TrainResult", "TrainingDiverged", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -69,91 +54,8 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Training data: an endless, resumable stream of micro-batches for this rank
+# Trainer
 # --------------------------------------------------------------------------------------------------
-
-
-class TrainStream:
-    """Micro-batches of this rank from ``pretrain.data`` (MLMDataset + MLMSampler + DataLoader).
-
-    The data position is the number of *global* samples the loop has consumed (counted here, not
-    read from the sampler, which a prefetching DataLoader runs ahead of); resuming rebuilds the
-    loader at that position, and since masks are seeded per (seed, epoch, index) the batches after
-    a resume are the ones the uninterrupted run would have seen.
-    """
-
-    def __init__(self, shard_dir: str, split: str, max_seq_len: int, packing: str, mask_prob: float,
-                 whole_word_masking: bool, seed: int, micro_batch: int, rank: int, world_size: int,
-                 num_workers: int = 0, pin_memory: bool | None = None) -> None:
-        from pretrain.data import MLMDataset
-
-        self.dataset = MLMDataset(shard_dir, split=split, max_seq_len=max_seq_len, packing=packing,
-                                  mask_prob=mask_prob, whole_word_masking=whole_word_masking, seed=seed)
-        self.seed, self.micro_batch = seed, micro_batch
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        # page-locked batches let the trainer's non_blocking copies to a GPU run asynchronously
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.consumed_samples = 0
-        self._iter: Any = None
-
-    def _start(self) -> None:
-        from pretrain.data import MLMSampler
-
-        sampler = MLMSampler(len(self.dataset), rank=self.rank, world_size=self.world_size, seed=self.seed,
-                             shuffle=True, consumed_samples=self.consumed_samples)
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.micro_batch, sampler=sampler,
-            # with the index lists of the masked positions and real tokens: a GPU step needs no host sync
-            collate_fn=functools.partial(self.dataset.collate, with_positions=True),
-            num_workers=self.num_workers, persistent_workers=False, pin_memory=self.pin_memory,
-            # its own generator: creating an iterator draws a base seed, which from the global RNG
-            # would shift the dropout stream of a resumed run (the loader is rebuilt on resume)
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-        self._iter = iter(loader)
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self._iter is None:
-            self._start()
-        batch = next(self._iter)
-        self.consumed_samples += self.micro_batch * self.world_size
-        return batch
-
-    @property
-    def epoch(self) -> int:
-        return self.consumed_samples // len(self.dataset)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"consumed_samples": self.consumed_samples, "num_samples": len(self.dataset), "seed": self.seed,
-                "micro_batch": self.micro_batch, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("num_samples", len(self.dataset)) != len(self.dataset) or state.get("seed", self.seed) != self.seed:
-            raise ValueError(
-                "the checkpoint's data position was saved for another dataset or seed "
-                f"({state.get('num_samples')} samples, seed {state.get('seed')}; now {len(self.dataset)}, "
-                f"{self.seed}): resume with the same data.shard_dir, data.max_seq_len and train.seed."
-            )
-        self.consumed_samples = int(state["consumed_samples"])
-        self._iter = None
-
-
-# --------------------------------------------------------------------------------------------------
-# Engine + value tables
-# --------------------------------------------------------------------------------------------------
-
-
-def compile_encoder_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
-    """torch.compile every encoder layer without a memory, in place (``layer.compile()``: the
-    state_dict keys, hence checkpoints, stay the same). Memory layers stay eager: their top-k
-    selection, custom autograd functions and sharded lookup (collectives) would only break the
-    graph. Returns the number of layers compiled. Used by ``train.compile``."""
-    from pkm.modeling import BertPkmLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BertPkmLayer) and not m.has_memory]
-    for layer in layers:
-        layer.compile(backend=backend)
-    return len(layers)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -169,46 +71,6 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(batch)
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any], device: torch.device,
-                 group: Any = None) -> tuple[Any, dict[str, Any], Any, Any]:
-    """Hand ``model``'s memories their value tables (column shards over ``group``, default: the
-    world; the model is built with ``external_values=True``), give the tables SparseAdam + the shared
-    schedule, and hand the dense model to DeepSpeed.
-
-    Returns (engine, tables {memory module path: ShardedValueTable}, value optimizer, value lr
-    scheduler); the last three are empty/None for a memory-less model. Collective: every rank calls
-    it with an identically initialised model."""
-    import deepspeed
-
-    from pkm.modeling import memory_modules, parameter_groups
-    from pkm.sharded_values import attach_sharded_values
-    from pkm.sparse_adam import SparseAdam
-
-    o = cfg.optim
-    schedule = lr_lambda(o, cfg.train.max_steps)
-    tables: dict[str, Any] = {}
-    value_opt = value_sched = None
-    if cfg.train.compile:
-        compile_encoder_layers(model)
-    if memory_modules(model):
-        # outside the module, so DeepSpeed never broadcasts, casts or partitions them (DESIGN.md)
-        seed = cfg.model.init_seed if cfg.model.init_seed is not None else cfg.train.seed
-        tables = attach_sharded_values(model, group=group, grad_reduction="mean", device=device, seed=seed)
-        value_opt = SparseAdam(list(tables.values()), lr=o.value_lr, betas=tuple(o.value_betas), eps=o.value_eps,
-                               weight_decay=o.value_weight_decay)
-        value_sched = LambdaLR(value_opt, schedule)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, o.weight_decay), config=ds_config,
-        lr_scheduler=lambda opt: LambdaLR(opt, schedule),  # the engine steps it (and skips it on overflow)
-    )
-    return engine, tables, value_opt, value_sched
-
-
-# --------------------------------------------------------------------------------------------------
-# Trainer
-# --------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class TrainResult:
     step: int
@@ -221,79 +83,41 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps: the run stops with an error (main exits non-zero)."""
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. called from a notebook worker): no handler
-                pass
-
-    def _handler(self, signum, frame) -> None:  # noqa: ARG002
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.requested = True
-        self.signum = signum
-
-    def uninstall(self) -> None:
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
-        self._previous.clear()
-
-
 class Trainer:
     """Owns engine, value tables, data and logging for one run (every rank builds one)."""
 
-    def __init__(
-        self,
-        cfg: RunConfig,
-        engine: Any,
-        tables: dict[str, Any],
-        value_optimizer: Any,
-        value_scheduler: Any,
-        train_data: Any,
-        val_data: Any,
-        ds_config: dict[str, Any],
-        rank: int,
-        world_size: int,
-        group: Any = None,
-        model_config: Any = None,
-        tokenizer_dir: str | None = None,
-    ) -> None:
+    def __init__(self, cfg: RunConfig, engine: Any, values: ValueTables, train_data: Any, val_data: Any,
+                 *, tokenizer_dir: str | None = None) -> None:
+        """Everything is built before (``pretrain.main.run``): the engine and the value tables by
+        ``pretrain.engine.build_engine``, ``train_data`` a ``TrainStream`` (anything with
+        ``next_batch``, ``epoch``, ``state_dict`` and ``load_state_dict``), ``val_data`` a
+        ``ValidationData`` or None. Checkpoints copy the tokenizer files from ``tokenizer_dir``."""
         from pkm.modeling import last_memory_outputs, memory_modules
         from pkm.usage import MemoryUsage, StalenessTracker
 
         self.cfg = cfg
         self.engine = engine
-        self.tables = tables
-        self.value_optimizer = value_optimizer
-        self.value_scheduler = value_scheduler
+        self.values = values
+        self.tables = values.tables
+        self.value_optimizer = values.optimizer
+        self.value_scheduler = values.scheduler
         self.train_data = train_data
         self.val_data = val_data
-        self.ds_config = ds_config
-        self.rank = rank
-        self.world_size = world_size
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         # an explicit group object: pkm.usage treats process_group=None as "no reduction"
-        self.group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
-        self.model_config = model_config
+        self.group = values.group if values.group is not None else (dist.group.WORLD if dist.is_initialized() else None)
         self.tokenizer_dir = tokenizer_dir
         self.device = engine.device
         self.gas = int(engine.gradient_accumulation_steps())
         self.fp16 = bool(engine.fp16_enabled())
-        self.logger = get_logger(rank)
-        self.metrics = MetricsLogger(cfg.train.out_dir, rank=rank, tensorboard=cfg.train.tensorboard,
+        self.logger = get_logger(self.rank)
+        self.metrics = MetricsLogger(cfg.train.out_dir, rank=self.rank, tensorboard=cfg.train.tensorboard,
                                      max_steps=cfg.train.max_steps, logger=self.logger)
         self._last_memory_outputs = last_memory_outputs
         self.memories = memory_modules(engine.module)
-        self.table_list = list(tables.values())
-        self.memory_names = list(tables.keys())
+        self.table_list = list(self.tables.values())
+        self.memory_names = list(self.tables.keys())
         self.train_usage = [MemoryUsage(t.num_rows, device=self.device) for t in self.table_list]
         self.staleness = [StalenessTracker(t.num_rows, device=self.device) for t in self.table_list]
         # tokens / samples not yet added to state (all-reduced at log and checkpoint steps only)
@@ -303,7 +127,7 @@ class Trainer:
         self.flops_per_seq = flops_per_sequence(non_embedding_params(engine.module), cfg.data.max_seq_len,
                                                 mc.hidden_size, mc.num_hidden_layers)
         self.state = ckpt.TrainState()
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         self.last_checkpoint: str | None = None
         # consecutive steps with a non-finite loss or a skipped update (a device counter: no host
         # sync per step; read at log and checkpoint steps)
@@ -379,7 +203,7 @@ class Trainer:
             out = engine(**batch)
             loss = out.loss
             with torch.no_grad():
-                correct, n_masked = _mlm_hits(out.logits, labels, batch.get("masked_positions"))
+                correct, n_masked = mlm_hits(out.logits, labels, batch.get("masked_positions"))
                 positions = host_batch.get("token_positions")
                 n_tokens = positions.numel() if positions is not None else batch["attention_mask"].sum()
                 acc["loss_sum"] += loss.detach().double()
@@ -562,21 +386,13 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.cfg.train.out_dir, self.state.step, self.engine, self.tables, self.value_optimizer,
             self.value_scheduler, self.state, self.rank, self.world_size, self.cfg.train.keep_last_k,
-            extra_files={"run_config.json": config_to_dict(self.cfg), "ds_config.json": self.ds_config,
+            extra_files={"run_config.json": config_to_dict(self.cfg), "ds_config.json": self.engine.config,
                          "data.json": _data_identity(self.cfg)},
-            model_config=self.model_config, tokenizer_dir=self.tokenizer_dir,
+            model_config=self.engine.module.config, tokenizer_dir=self.tokenizer_dir,
         )
         self.last_checkpoint = path
         self.logger.info(f"checkpoint step {self.state.step} -> {path} ({time.perf_counter() - t0:.1f}s)")
         return path
-
-    def _stop_requested(self) -> bool:
-        """Every rank must agree to stop at the same step (a signal may reach ranks at different
-        times): one tiny all-reduce per step. One rank needs no agreement, and no host sync."""
-        if self.world_size == 1:
-            return self.stop.requested
-        flag = torch.tensor([1 if self.stop.requested else 0], device=self.device)
-        return bool(self._reduce(flag, op=dist.ReduceOp.MAX).item())
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -597,7 +413,7 @@ class Trainer:
                 t_other = time.perf_counter()
                 if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
                     self.evaluate()
-                stop = self._stop_requested()
+                stop = self.stop.agreed(self.world_size, self.group, self.device)
                 if (t.ckpt_every and step % t.ckpt_every == 0) or stop or step == t.max_steps:
                     if self._save_if_finite() is None and step == t.max_steps:
                         raise TrainingDiverged(
@@ -616,21 +432,6 @@ class Trainer:
             self.metrics.close()
         return TrainResult(self.state.step, interrupted, self.last_checkpoint,
                            last_metrics["loss"] if last_metrics else None)
-
-
-def _mlm_hits(logits: torch.Tensor, labels: torch.Tensor,
-              masked_positions: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
-    """(correct predictions, predicted positions) of one micro-batch, without a host sync when
-    ``masked_positions`` are known or the logits cover every position. logits: [M, vocab] (only the
-    labelled positions, in row-major order) or [B, S, vocab]; labels [B, S] (-100: not predicted)."""
-    if logits.dim() == 3:
-        predicted = labels != -100  # [B, S]
-        return ((logits.argmax(-1) == labels) & predicted).sum(), predicted.sum()
-    if masked_positions is not None:
-        target = labels.reshape(-1).index_select(0, masked_positions)  # [M]
-    else:
-        target = labels[labels != -100]  # [M]; a boolean index syncs on a GPU
-    return (logits.argmax(-1) == target).sum(), target.numel()
 
 
 def _data_identity(cfg: RunConfig) -> dict[str, str]:

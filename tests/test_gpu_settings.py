@@ -62,7 +62,7 @@ def test_build_model_applies_the_attention_implementation(impl, tmp_path):
 
 
 def test_train_stream_pins_memory_only_when_asked(tmp_path):
-    from pretrain.trainer import TrainStream
+    from pretrain.data import TrainStream
 
     shards = _tiny_shards(tmp_path)
     stream = TrainStream(shards, "train", 16, "full", 0.15, False, 0, 2, 0, 1, pin_memory=False)

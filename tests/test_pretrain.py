@@ -30,7 +30,7 @@ from pkm.presets import preset_memory  # noqa: E402
 from pretrain.config import load_config, parse_override_args, save_config  # noqa: E402
 from pretrain.logging_utils import read_jsonl  # noqa: E402
 from pretrain.main import parse_cli, prepare_run, resolve_ds_config  # noqa: E402
-from pretrain.trainer import lr_lambda  # noqa: E402
+from pretrain.engine import lr_lambda  # noqa: E402
 
 TINY_MEMORY = {"layers": [1], "n_keys": 16, "heads": 2, "knn": 4, "k_dim": 16}
 # One thread per rank: 2 ranks on a 2-core machine are not oversubscribed, and the thread count (so

@@ -19,7 +19,9 @@ from benchmarks.train_step import HostSyncDetector
 from pkm.modeling import BertPkmForMaskedLM
 from pkm.presets import preset_config
 from pretrain.data import IGNORE_INDEX, add_positions, collate_mlm
-from pretrain.trainer import _mlm_hits, compile_encoder_layers, model_inputs
+from pretrain.engine import compile_encoder_layers
+from pretrain.evaluate import mlm_hits
+from pretrain.trainer import model_inputs
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -113,7 +115,7 @@ def test_mlm_hits_agree_between_logit_layouts():
     expected_correct = (masked.argmax(-1) == labels[labels != IGNORE_INDEX]).sum()
     assert expected_correct >= 1
     for logits, positions in ((full, None), (masked, batch["masked_positions"]), (masked, None)):
-        correct, n = _mlm_hits(logits, labels, positions)
+        correct, n = mlm_hits(logits, labels, positions)
         assert int(correct) == int(expected_correct) and int(n) == int(batch["masked_positions"].numel())
 
 
@@ -159,13 +161,13 @@ def test_add_positions_on_a_plain_batch():
 
 def test_one_rank_checks_the_stop_flag_without_touching_the_device():
     """The per-step stop check needs an all-reduce (and its .item()) only with several ranks."""
-    from pretrain.trainer import Trainer, _StopFlag
+    from pretrain.stop_flag import StopFlag
 
-    tr = object.__new__(Trainer)  # no device, no process group: any tensor op would fail
-    tr.world_size, tr.stop = 1, _StopFlag()
-    assert tr._stop_requested() is False
-    tr.stop.requested = True
-    assert tr._stop_requested() is True
+    flag = StopFlag()
+    meta = torch.device("meta")  # a tensor made on it could not be read: any all-reduce would fail
+    assert flag.agreed(world_size=1, device=meta) is False
+    flag.requested = True
+    assert flag.agreed(world_size=1, device=meta) is True
 
 
 def _under_sync_error(fn) -> None:
