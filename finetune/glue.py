@@ -19,10 +19,16 @@ from finetune import glue_data
 from finetune.batching import Rows, eval_loader, steps_per_epoch, train_loader_factory
 from finetune.config import FinetuneConfig
 from finetune.data_issues import DataIssues
-from finetune.metrics import glue_metrics, task_score
+from finetune.metrics import glue_metrics
+from finetune.results import finish_run
 from finetune.tasks import GLUE_TASKS, GlueTask, get_task
-from finetune.trainer import model_inputs, predict, register_pkm_models, start_run, train
-from pkm.atomic_io import write_json_atomic
+from finetune.trainer import (
+    model_inputs,
+    predict,
+    register_pkm_models,
+    start_run,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,23 +148,10 @@ def run_glue(cfg: FinetuneConfig) -> dict[str, Any]:
                                  logits_to_predictions(task, logits))
                 written.append("AX.tsv")
 
-    if cfg.save_model:
-        model.save_pretrained(os.path.join(cfg.output, "model"))
-        tokenizer.save_pretrained(os.path.join(cfg.output, "model"))
-
-    result = {
-        "task": task.name, "model": cfg.model, "lr": cfg.lr, "seed": cfg.seed,
-        "metrics": metrics, "score": task_score(metrics, task.score_metrics),
-        "score_metrics": list(task.score_metrics),
-        "num_train_examples": len(train_rows),
-        "num_dev_examples": {s: len(data[s]) for s in task.dev_splits},
-        "test_prediction_files": written, "device": str(device),
-        **summary, "runtime_s": time.time() - t_start, "config": cfg.to_dict(),
-        "data_issues": issues.to_dict(),
-    }
-    write_json_atomic(os.path.join(cfg.output, "result.json"), result)
-    log.info("%s: %s", task.name, metrics)
-    return result
+    return finish_run(cfg, task, model, tokenizer, metrics, device, summary, issues, t_start,
+                      num_train_examples=len(train_rows),
+                      num_dev_examples={s: len(data[s]) for s in task.dev_splits},
+                      test_prediction_files=written)
 
 
 def glue_task_names() -> list[str]:

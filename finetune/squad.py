@@ -17,12 +17,22 @@ import torch
 from finetune.batching import Rows, eval_loader, steps_per_epoch, train_loader_factory
 from finetune.config import FinetuneConfig
 from finetune.data_issues import DataIssues
-from finetune.metrics import squad_evaluate, squad_evaluate_v1, task_score
+from finetune.metrics import squad_evaluate, squad_evaluate_v1
+from finetune.results import finish_run
 from finetune.squad_data import gold_answers, load_squad
-from finetune.squad_features import check_lengths, postprocess_predictions, prepare_features
+from finetune.squad_features import (
+    check_lengths,
+    postprocess_predictions,
+    prepare_features,
+)
 from finetune.tasks import SquadTask, get_task
-from finetune.trainer import model_inputs, predict, register_pkm_models, start_run, train
-from pkm.atomic_io import write_json_atomic
+from finetune.trainer import (
+    model_inputs,
+    predict,
+    register_pkm_models,
+    start_run,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +98,6 @@ def run_squad_config(cfg: FinetuneConfig) -> dict[str, Any]:
             json.dump(null_odds, f, indent=2)
     with open(os.path.join(cfg.output, "nbest_predictions.json"), "w", encoding="utf-8") as f:
         json.dump(nbest, f, indent=1, ensure_ascii=False)
-    if cfg.save_model:
-        model.save_pretrained(os.path.join(cfg.output, "model"))
-        tokenizer.save_pretrained(os.path.join(cfg.output, "model"))
-
-    result = {
-        "task": task.name, "model": cfg.model, "lr": cfg.lr, "seed": cfg.seed,
-        "metrics": metrics, "score": task_score(metrics, task.score_metrics),
-        "score_metrics": list(task.score_metrics),
-        "num_train_examples": len(train_ds), "num_train_features": len(train_feats),
-        "num_dev_examples": {"validation": len(dev_ds)}, "num_dev_features": len(dev_feats),
-        "device": str(device), **summary, "runtime_s": time.time() - t_start,
-        "config": cfg.to_dict(), "data_issues": issues.to_dict(),
-    }
-    write_json_atomic(os.path.join(cfg.output, "result.json"), result)
-    log.info("%s: %s", task.name, metrics)
-    return result
+    return finish_run(cfg, task, model, tokenizer, metrics, device, summary, issues, t_start,
+                      num_train_examples=len(train_ds), num_train_features=len(train_feats),
+                      num_dev_examples={"validation": len(dev_ds)}, num_dev_features=len(dev_feats))

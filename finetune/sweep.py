@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from finetune.config import FinetuneConfig, config_fields
 from finetune.tasks import GLUE_TASKS, canonical_task_name, get_task
 from pkm.atomic_io import write_json_atomic, write_text_atomic
+from pkm.config_files import read_mapping_file
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +75,7 @@ class SweepOutcome:
 
 def load_grid_file(path: str) -> dict[str, Any]:
     """JSON or YAML: {tasks, lrs, seeds, model?, data?, squad_data?, options?, task_options?}."""
-    if not os.path.isfile(path):
-        raise ValueError(f"Grid file {path!r} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-        grid = yaml.safe_load(text)
-    else:
-        grid = json.loads(text)
-    if not isinstance(grid, dict):
-        raise ValueError(f"Grid file {path} must hold a mapping (tasks, lrs, seeds, options ...).")
+    grid = read_mapping_file(path, "grid file")
     if "learning_rates" in grid:
         grid["lrs"] = grid.pop("learning_rates")
     allowed = {"tasks", "lrs", "seeds", "model", "data", "squad_data", "options", "task_options"}

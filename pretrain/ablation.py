@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import shutil
 import sys
 from typing import Any, Callable
 
-from pretrain.demo import REPO_ROOT, run_stages, stage_prep, stage_tasks
+from pretrain.demo import REPO_ROOT, command_main, run_stages, stage_prep, stage_tasks, start_fresh
 
 DEFAULT_STUDY = os.path.join(REPO_ROOT, "configs", "ablation_minilm_cpu.json")
 # Finetuning settings for real GLUE / SQuAD folders (the BERT paper's recipe, one learning rate).
@@ -202,19 +201,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.fresh and os.path.isdir(args.out):
-        # only a folder this command wrote: never delete an unrelated folder given by mistake
-        if not os.path.isdir(os.path.join(args.out, "stages")):
-            print(f"error: --fresh: {args.out} is not an ablation output folder (no stages/); remove it yourself",
-                  file=sys.stderr)
-            return 2
-        shutil.rmtree(args.out)
-    try:
+
+    def job() -> None:
+        if args.fresh:
+            start_fresh(os.path.abspath(args.out), "ablation")
         run_ablation(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return command_main(job)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pkm.atomic_io import write_json_atomic
+from pkm.config_files import read_mapping_file
 from pkm.lr_schedule import SCHEDULE_SHAPES
 from pkm.memory_config import BERT_PKM_KEYS, MemoryConfig
 
@@ -321,24 +321,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def read_config_file(path: str) -> dict[str, Any]:
     """A JSON file, or YAML when the name ends in .yaml/.yml (needs pyyaml)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"config file '{path}' does not exist.")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        try:
-            import yaml  # optional dependency
-        except ImportError as e:
-            raise ValueError(f"'{path}' is YAML but pyyaml is not installed: pip install pyyaml, or use JSON.") from e
-        data = yaml.safe_load(text) or {}
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file '{path}' is not valid JSON: {e}.") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"config file '{path}' must hold a mapping at the top level.")
-    return data
+    return read_mapping_file(path, "config file")
 
 
 def parse_value(text: str) -> Any:

@@ -310,6 +310,28 @@ def run_stages(out: str, stages: list[tuple[str, Callable[[str, argparse.Namespa
         print(f"[{tag}] {number}/{len(stages)} {name}: done in {result['stage_wall_s']:.0f} s", flush=True)
 
 
+def start_fresh(out: str, tag: str) -> None:
+    """``--fresh``: delete ``out`` if it is a folder ``run_stages`` wrote (its stages/settings.json
+    is written first); refuse any other folder, so a mistyped path never loses unrelated files."""
+    if not os.path.isdir(out):
+        return
+    if not os.path.isfile(os.path.join(out, "stages", "settings.json")):
+        raise ValueError(f"--fresh: {out} is not a {tag} output folder (no stages/settings.json); "
+                         "remove it yourself or pass another --out")
+    shutil.rmtree(out)
+
+
+def command_main(job: Callable[[], object]) -> int:
+    """The exit code of a stage command: 0, or 2 with "error: ..." on stderr for a ValueError (bad
+    input or settings, reported before the expensive work)."""
+    try:
+        job()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="./run.sh demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -330,14 +352,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.fresh and os.path.isdir(args.out):
-        shutil.rmtree(args.out)
-    try:
+
+    def job() -> None:
+        if args.fresh:
+            start_fresh(os.path.abspath(args.out), "demo")
         run_demo(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return command_main(job)
 
 
 if __name__ == "__main__":

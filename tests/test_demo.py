@@ -92,3 +92,23 @@ def test_quick_demo_end_to_end_and_rerun_reuses_stages(tmp_path):
 
     rerun = subprocess.run(cmd, cwd=REPO_ROOT, check=True, timeout=300, capture_output=True, text=True)
     assert rerun.stdout.count("done before, reusing") == 6
+
+
+def test_fresh_deletes_only_a_folder_the_stages_wrote(tmp_path, capsys):
+    from pretrain.demo import main as demo_main
+    from pretrain.demo import start_fresh
+
+    unrelated = tmp_path / "thesis"
+    unrelated.mkdir()
+    (unrelated / "chapter1.tex").write_text("precious")
+    assert demo_main(["--out", str(unrelated), "--fresh"]) == 2  # refused before any work
+    assert "not a demo output folder" in capsys.readouterr().err
+    assert (unrelated / "chapter1.tex").read_text() == "precious"
+
+    ours = tmp_path / "demo_out"
+    (ours / "stages").mkdir(parents=True)
+    (ours / "stages" / "settings.json").write_text("{}")
+    (ours / "shards").mkdir()
+    start_fresh(str(ours), "demo")
+    assert not ours.exists()
+    start_fresh(str(tmp_path / "missing"), "demo")  # nothing to delete: fine
