@@ -7,14 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
-from pretrain.logging_utils import read_jsonl
 from tests.test_hardening_checkpoints import shard_dir  # noqa: F401  (session fixture)
-from tests.test_pretrain import RANK_ENV, REPO, run_config
+from tests.test_pretrain import (
+    RANK_ENV,
+    REPO,
+    assert_latest_checkpoint_is_the_last_step,
+    run_config,
+    wait_until_training,
+)
 
 RUN_SH = os.path.join(REPO, "run.sh")
 VENV = os.path.dirname(os.path.dirname(sys.executable))
@@ -62,22 +66,14 @@ def test_sigterm_to_run_sh_pretrain_checkpoints_and_leaves_no_process(shard_dir,
                              "--config", cfg_path], cwd=REPO, env=env, stdout=log_file,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        metrics = os.path.join(out, "metrics.jsonl")
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.isfile(metrics) and len(read_jsonl(metrics, "train")) >= 2:
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, log_path.read_text()[-3000:]
+        wait_until_training(proc, out)
         proc.send_signal(signal.SIGTERM)  # to run.sh alone, as `docker stop` or a scheduler would
         proc.wait(timeout=180)
         log = log_path.read_text()
         assert proc.returncode == 0, log[-3000:]
         assert "passed on to 2 training process(es)" in log
         assert not _processes_mentioning(cfg_path), "ranks left running after the launcher exited"
-        steps = read_jsonl(metrics, "train")
-        with open(os.path.join(out, "checkpoints", "latest")) as f:
-            assert f.read().strip() == f"step_{steps[-1]['step']:08d}"
+        assert_latest_checkpoint_is_the_last_step(out)
     finally:
         for leftover in _processes_mentioning(cfg_path):  # only what this test started
             leftover.kill()
@@ -97,19 +93,11 @@ def test_sigterm_to_the_python_launch_api_reaches_the_ranks(shard_dir, tmp_path)
               f"log_file={str(tmp_path / 'ranks.log')!r}, env={RANK_ENV!r})")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True)
     try:
-        metrics = os.path.join(out, "metrics.jsonl")
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.isfile(metrics) and len(read_jsonl(metrics, "train")) >= 2:
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None
+        wait_until_training(proc, out)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=180) == -signal.SIGTERM  # the caller still ends on its signal ...
         assert not _processes_mentioning(cfg_path)  # ... after every rank has exited
-        steps = read_jsonl(metrics, "train")
-        with open(os.path.join(out, "checkpoints", "latest")) as f:
-            assert f.read().strip() == f"step_{steps[-1]['step']:08d}"
+        assert_latest_checkpoint_is_the_last_step(out)
     finally:
         for leftover in _processes_mentioning(cfg_path):
             leftover.kill()

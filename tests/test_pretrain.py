@@ -159,6 +159,26 @@ def launch_and_kill_after_checkpoint(cfg: dict, ds_config: str, nproc: int, step
         return f.read()
 
 
+def wait_until_training(proc: subprocess.Popen, out_dir: str, steps: int = 2, timeout: float = 240) -> None:
+    """Wait until the run writing ``out_dir`` has logged ``steps`` train steps; the run must still
+    be going then (a signal test needs it mid-training)."""
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(metrics) and len(read_jsonl(metrics, "train")) >= steps:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before it had logged {steps} steps"
+
+
+def assert_latest_checkpoint_is_the_last_step(out_dir: str) -> int:
+    """A stopped run's ``latest`` checkpoint is the last step it logged; returns that step."""
+    last = read_jsonl(os.path.join(out_dir, "metrics.jsonl"), "train")[-1]["step"]
+    with open(os.path.join(out_dir, "checkpoints", "latest")) as f:
+        assert f.read().strip() == f"step_{last:08d}"
+    return last
+
+
 def train_losses(out_dir: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl"), "train")}
 
@@ -493,18 +513,9 @@ def test_sigterm_saves_and_exits_cleanly(shards, tmp_path):
         json.dump(cfg, f)
     proc = subprocess.Popen([PY, "-m", "pretrain.main", "--deepspeed_config", "ds_configs/tiny_zero1_fp32.json",
                              "--config", cfg_path], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isfile(metrics) and len(read_jsonl(metrics, "train")) >= 2:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    wait_until_training(proc, out, timeout=180)
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, log[-3000:]
     assert "stopping at step" in log
-    steps = read_jsonl(metrics, "train")
-    with open(os.path.join(out, "checkpoints", "latest")) as f:
-        latest = f.read().strip()
-    assert latest == f"step_{steps[-1]['step']:08d}" and steps[-1]["step"] < 10_000
+    assert assert_latest_checkpoint_is_the_last_step(out) < 10_000
