@@ -96,7 +96,6 @@ def test_whole_word_masking_selects_whole_words(shard_dir):
     for i in range(len(ds)):
         raw = ds.sample_tokens(i)
         sel = ds[i]["labels"] != IGNORE_INDEX
-        word = np.cumsum(ds.is_word_start[raw])
         cont = ~ds.is_word_start[raw]
         cont[0] = False
         # A continuation piece is selected exactly when the piece before it (same word) is.
