@@ -108,8 +108,8 @@ main() {
       if [[ $# -gt 0 ]]; then echo "run.sh setup: takes no arguments (got: $*)" >&2; setup_usage >&2; exit 2; fi
       cmd_setup ;;
     test)     cmd_setup; exec "$PY" -m pytest "$@" ;;
-    demo)     cmd_setup; exec "$PY" -m pretrain.demo "$@" ;;
-    ablation) cmd_setup; exec "$PY" -m pretrain.ablation "$@" ;;
+    demo)     cmd_setup; exec "$PY" -m experiments.demo "$@" ;;
+    ablation) cmd_setup; exec "$PY" -m experiments.ablation "$@" ;;
     prep)     cmd_setup; exec "$PY" -m data_prep "$@" ;;
     pretrain)
       cmd_setup

@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         for event in events if isinstance(events, list) else []:
             print(f"host sync in {r['title']} ({r['model']}): {event['op']} at {event['where']}")
     if args.json:
-        from pkm.atomic_io import write_json_atomic
+        from atomic_files import write_json_atomic
 
         write_json_atomic(args.json, {"env": env, "formula": FLOP_FORMULA, "peak_tflops": args.peak_tflops,
                                       "steps": args.steps, "warmup": args.warmup, "rows": rows})

@@ -42,10 +42,10 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from atomic_files import write_json_atomic
 from data_prep import cleaning, tokenization
 from data_prep.readers import RawDoc, Skip, expand_inputs, iter_documents
 from data_prep.shards import FORMAT_VERSION, ShardReader, ShardWriter, dtype_for_vocab
-from pkm.atomic_io import write_json_atomic
 
 log = logging.getLogger("data_prep")
 
@@ -213,7 +213,7 @@ def prepare(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
 # deleted, and a folder holding anything else without being data prep output is refused.
 _OWN_SHARD = re.compile(r"^(train|validation)_\d{5,}\.(bin|idx)(\.tmp)?$")
 _OWN_FILES = {MANIFEST, PROGRESS, "shards_verified.json"}
-_ATOMIC_TMP = re.compile(r"^\.tmp-.*\.json$")  # pkm.atomic_io's temp files of an interrupted write
+_ATOMIC_TMP = re.compile(r"^\.tmp-.*\.json$")  # atomic_files' temp files of an interrupted write
 
 
 def _is_own_name(name: str) -> bool:

@@ -8,10 +8,10 @@ import os
 import time
 from typing import Any
 
+from atomic_files import write_json_atomic
 from finetune.config import FinetuneConfig
 from finetune.data_issues import DataIssues
 from finetune.metrics import task_score
-from pkm.atomic_io import write_json_atomic
 
 log = logging.getLogger(__name__)
 

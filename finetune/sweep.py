@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from atomic_files import write_json_atomic, write_text_atomic
 from finetune.config import FinetuneConfig, config_fields
 from finetune.tasks import GLUE_TASKS, canonical_task_name, get_task
-from pkm.atomic_io import write_json_atomic, write_text_atomic
 from pkm.config_files import read_mapping_file
 
 log = logging.getLogger(__name__)

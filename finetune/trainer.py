@@ -75,7 +75,7 @@ def start_run(cfg: FinetuneConfig, data: dict, eval_splits: Iterable[str]) -> tu
 
     from transformers import AutoTokenizer
 
-    from pkm.atomic_io import write_json_atomic
+    from atomic_files import write_json_atomic
 
     def first(split: str, n: int | None) -> None:
         if n:

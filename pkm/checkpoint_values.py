@@ -29,10 +29,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-
-from pkm.atomic_io import honour_umask, write_json_atomic
 import torch.distributed as dist
 
+from atomic_files import honour_umask, write_json_atomic
 from pkm.sharded_values import ShardedValueTable, column_bounds
 from pkm.sparse_adam import SparseAdam
 from pkm.values import ValueTable

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pkm.atomic_io import write_json_atomic, write_text_atomic
+from atomic_files import write_json_atomic, write_text_atomic
 from pkm.checkpoint_values import load_full_values, load_value_shards, save_value_shards
 from pretrain.safe_load import deepspeed_files_loaded_safely, load_weights_only, numpy_rng_globals
 

@@ -23,7 +23,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pkm.atomic_io import write_json_atomic
+from atomic_files import write_json_atomic
 from pkm.config_files import read_mapping_file
 from pkm.lr_schedule import SCHEDULE_SHAPES
 from pkm.memory_config import BERT_PKM_KEYS, MemoryConfig

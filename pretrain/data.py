@@ -76,7 +76,7 @@ def _read_verified_cache(shard_dir: Path) -> dict:
 
 
 def _write_verified_cache(shard_dir: Path, cache: dict) -> None:
-    from pkm.atomic_io import write_json_atomic
+    from atomic_files import write_json_atomic
 
     try:
         write_json_atomic(shard_dir / VERIFIED_CACHE, cache, sort_keys=True)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pkm.atomic_io import write_text_atomic
+from atomic_files import write_text_atomic
 from pkm.value_step import step_values
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig, config_to_dict

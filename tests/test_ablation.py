@@ -1,4 +1,4 @@
-"""The ablation (pretrain/ablation*.py): the study grid, its checks, the report, and a tiny run end
+"""The ablation (experiments/ablation*.py): the study grid, its checks, the report, and a tiny run end
 to end whose table must equal the runs' own metrics files."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from pretrain.ablation_study import check_inputs, expand_runs, load_study
+from experiments.ablation_study import check_inputs, expand_runs, load_study
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_STUDY = os.path.join(REPO_ROOT, "configs", "ablation_minilm_cpu.json")
@@ -55,7 +55,7 @@ def test_grid_is_the_cartesian_product_in_axis_order_plus_extra_runs():
 def test_default_study_runs_share_everything_but_the_grid():
     """Same shards, steps, seed, batch and memory size; scratch has MiniLM's architecture."""
     from pretrain.config import config_from_dict
-    from pretrain.demo import minilm_dir
+    from experiments.demo import minilm_dir
     from pretrain.main import _model_config
 
     study = load_study(DEFAULT_STUDY, "/tmp/ablation_unit", _args())
@@ -133,7 +133,7 @@ def test_missing_init_model_is_reported_by_run(tmp_path):
 
 
 def test_stages_run_once_and_a_rerun_with_other_settings_is_refused(tmp_path, capsys):
-    from pretrain.demo import run_stages
+    from experiments.demo import run_stages
 
     calls = []
 
@@ -164,7 +164,7 @@ def _run(loss, top1, score, memory=True):
 
 
 def test_axis_effects_are_differences_at_fixed_other_axes():
-    from pretrain.ablation_report import axis_effects
+    from experiments.ablation_report import axis_effects
 
     runs = {"replace_scratch": _run(7.0, 0.2, 50.0), "replace_init": _run(3.0, 0.6, 70.0),
             "residual_scratch": _run(6.5, 0.3, 52.0), "residual_init": _run(2.5, 0.9, 75.0)}
@@ -178,7 +178,7 @@ def test_axis_effects_are_differences_at_fixed_other_axes():
 
 
 def test_table_marks_a_memory_less_run_not_applicable():
-    from pretrain.ablation_report import results_table
+    from experiments.ablation_report import results_table
 
     lines = results_table({"residual_init": _run(2.5, 0.9, 75.0), "baseline": _run(2.4, 0, 74.0, memory=False)},
                           [{"name": "pairs"}])
@@ -189,7 +189,7 @@ def test_table_marks_a_memory_less_run_not_applicable():
 
 
 def test_plot_series_put_every_run_with_a_memory_on_the_same_axes():
-    from pretrain.ablation_report import _plot_series
+    from experiments.ablation_report import _plot_series
 
     records = {
         "a": [{"kind": "eval", "step": 5, "loss": 3.0, "memory/layer3/usage": 0.4},
@@ -241,7 +241,7 @@ def _finetune_scores(out, run: str, task_name: str, task: str) -> list[float]:
 def test_quick_ablation_end_to_end_table_equals_the_runs_files(tmp_path):
     out = tmp_path / "ablation"
     # a scratch run and the memory-less baseline: both model paths, memory and "n/a" cells
-    cmd = [sys.executable, "-m", "pretrain.ablation", "--out", str(out), "--quick", "--steps", "3",
+    cmd = [sys.executable, "-m", "experiments.ablation", "--out", str(out), "--quick", "--steps", "3",
            "--max-articles", "24", "--only", "residual_scratch,baseline"]
     subprocess.run(cmd, cwd=REPO_ROOT, check=True, timeout=2400)
     report = (out / "report" / "README.md").read_text()
@@ -278,7 +278,7 @@ def test_quick_ablation_end_to_end_table_equals_the_runs_files(tmp_path):
             assert math.isclose(summary["finetune"][task_name]["mean"], statistics.mean(scores), rel_tol=1e-9)
     for plot in ("usage.png", "top1_usage.png", "stale_frac.png", "mlm_loss.png", "train_loss.png"):
         assert (out / "report" / plot).stat().st_size > 1000 and plot in report
-    assert "`python -m pretrain.ablation --out" in report and "| `train.max_steps` | `3` |" in report
+    assert "`python -m experiments.ablation --out" in report and "| `train.max_steps` | `3` |" in report
 
     rerun = subprocess.run(cmd, cwd=REPO_ROOT, check=True, timeout=300, capture_output=True, text=True)
     assert rerun.stdout.count("done before, reusing") == 9  # prep, tasks, 2 x (pretrain, convert, finetune), report

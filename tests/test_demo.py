@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pretrain.demo_tasks import Document, build_cloze_qa, build_pair_examples, split_sentences, write_heldout_tasks
+from experiments.demo_tasks import Document, build_cloze_qa, build_pair_examples, split_sentences, write_heldout_tasks
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +76,7 @@ def test_too_few_documents_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_quick_demo_end_to_end_and_rerun_reuses_stages(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "pretrain.demo", "--out", str(out), "--quick", "--steps", "6", "--max-articles", "24"]
+    cmd = [sys.executable, "-m", "experiments.demo", "--out", str(out), "--quick", "--steps", "6", "--max-articles", "24"]
     subprocess.run(cmd, cwd=REPO_ROOT, check=True, timeout=900)
     report = (out / "report" / "README.md").read_text()
     for plot in ("train_loss.png", "memory_usage.png", "staleness.png", "slot_histogram.png"):
@@ -95,8 +95,8 @@ def test_quick_demo_end_to_end_and_rerun_reuses_stages(tmp_path):
 
 
 def test_fresh_deletes_only_a_folder_the_stages_wrote(tmp_path, capsys):
-    from pretrain.demo import main as demo_main
-    from pretrain.demo import start_fresh
+    from experiments.demo import main as demo_main
+    from experiments.demo import start_fresh
 
     unrelated = tmp_path / "thesis"
     unrelated.mkdir()

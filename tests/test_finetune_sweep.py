@@ -175,7 +175,7 @@ def test_failed_run_is_recorded_and_the_grid_goes_on(setup, tmp_path, monkeypatc
 def _fake_run(calls):
     """Stands in for a real run: records the call and writes the result.json a run writes (its
     score is epochs / 10, so a table built from the wrong runs shows)."""
-    from pkm.atomic_io import write_json_atomic
+    from atomic_files import write_json_atomic
 
     def run(cfg):
         calls.append(cfg)

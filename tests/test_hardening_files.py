@@ -21,7 +21,7 @@ def _mode(path) -> int:
 
 
 def test_atomic_json_honours_the_umask(tmp_path, umask):
-    from pkm.atomic_io import current_umask, write_json_atomic
+    from atomic_files import current_umask, write_json_atomic
 
     assert current_umask() == umask
     path = tmp_path / "a.json"

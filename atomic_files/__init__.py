@@ -1,4 +1,5 @@
-"""Atomic file writes: readers (and a resumed run) never see half a file."""
+"""Atomic file writes: readers (and a resumed run) never see half a file. The bottom of the
+project's packages: data_prep, pkm and everything above write their JSON and text through it."""
 
 from __future__ import annotations
 
