@@ -535,6 +535,7 @@ def run(prep: PreparedRun):
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from atomic_files import write_json_atomic
     from pretrain.data import TrainStream
     from pretrain.distributed import init_distributed
     from pretrain.engine import build_engine
@@ -564,8 +565,7 @@ def run(prep: PreparedRun):
     if rank == 0:
         os.makedirs(cfg.train.out_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.train.out_dir, "run_config.json"))
-        with open(os.path.join(cfg.train.out_dir, "ds_config.json"), "w", encoding="utf-8") as f:
-            json.dump(ds, f, indent=2)
+        write_json_atomic(os.path.join(cfg.train.out_dir, "ds_config.json"), ds)
 
     model, summary = build_model(prep)
     logger.info(f"model: {summary}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M dense parameters "

@@ -17,9 +17,9 @@ grads come from that same loss; ``ShardedValueTable(grad_reduction="mean")`` alr
 that turns its sum over all ranks' tokens into the data-parallel mean. Only the fp16 loss scale is
 removed here (read from the engine's optimizer before ``engine.step`` may change it).
 
-Both learning rates follow ``pretrain.engine.lr_lambda`` (warmup, then linear/cosine/constant): the dense one through
-a LambdaLR the engine owns (stepped by the engine, skipped with its step on overflow, saved in its
-checkpoint), the value one through a LambdaLR on SparseAdam stepped right after.
+Both learning rates follow ``pretrain.engine.lr_lambda`` (warmup, then linear/cosine/constant): the
+dense one through a LambdaLR the engine owns (stepped by the engine, skipped with its step on
+overflow, saved in its checkpoint), the value one through a LambdaLR on SparseAdam stepped right after.
 """
 
 from __future__ import annotations
