@@ -289,9 +289,12 @@ def save_checkpoint(
     tmp = final + ".tmp"
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        for name in os.listdir(root):  # leftovers of an interrupted save
-            if name.endswith(".tmp") and os.path.isdir(os.path.join(root, name)):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        for name in os.listdir(root):  # leftovers of an interrupted save: a folder, a `latest` write
+            path = os.path.join(root, name)
+            if name.endswith(".tmp") and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.startswith(".tmp-") and name.endswith("-latest") and os.path.isfile(path):
+                os.remove(path)
         if os.path.isdir(final):  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.makedirs(tmp)

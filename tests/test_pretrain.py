@@ -198,6 +198,12 @@ def cached_run(name: str, root: str, shard_dir: str) -> dict:
         cfg = run_config(shard_dir, out)
         log_kill = launch_and_kill_after_checkpoint(cfg, "tiny_zero3_fp32.json", 2, step=6)
         losses_at_kill = train_losses(out)
+        # what a kill in the middle of a save leaves, and a file of the user's
+        root = os.path.join(out, "checkpoints")
+        os.makedirs(os.path.join(root, "step_00000007.tmp", "values"))
+        for name in (".tmp-k2j4-latest", "notes.txt"):
+            with open(os.path.join(root, name), "w") as f:
+                f.write("x")
         rc, log = launch(cfg, "tiny_zero3_fp32.json", 2, ["--resume"])
         assert rc == 0, log[-3000:]
         result = {"out": out, "log": log, "log_kill": log_kill, "losses_at_kill": losses_at_kill}
@@ -474,6 +480,9 @@ def test_kill9_then_resume_is_exact(shards, run_root):
     for step in range(1, 13):
         assert a[step] == b[step], (step, a[step], b[step])  # bitwise: fp32, same data, masks, dropout
     assert "resumed from" in resumed["log"] and "at step 6" in resumed["log"]
+    # the next save cleared the interrupted save's debris and kept the user's file
+    assert sorted(os.listdir(os.path.join(resumed["out"], "checkpoints"))) == [
+        "latest", "notes.txt", "step_00000006", "step_00000012"]
     ca = os.path.join(full["out"], "checkpoints", "step_00000012")
     cb = os.path.join(resumed["out"], "checkpoints", "step_00000012")
     for rank in range(2):  # value tables + SparseAdam moments + per-row step counts
