@@ -29,7 +29,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from experiments.demo import REPO_ROOT, command_main, run_stages, stage_prep, stage_tasks, start_fresh
+from experiments.demo import REPO_ROOT, command_main, run_stages, stage_prep, stage_tasks
 
 DEFAULT_STUDY = os.path.join(REPO_ROOT, "configs", "ablation_minilm_cpu.json")
 # Finetuning settings for real GLUE / SQuAD folders (the BERT paper's recipe, one learning rate).
@@ -200,14 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def job() -> None:
-        if args.fresh:
-            start_fresh(os.path.abspath(args.out), "ablation")
-        run_ablation(args)
-
-    return command_main(job)
+    return command_main(parse_args(argv), run_ablation, "ablation")
 
 
 if __name__ == "__main__":

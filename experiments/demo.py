@@ -321,11 +321,14 @@ def start_fresh(out: str, tag: str) -> None:
     shutil.rmtree(out)
 
 
-def command_main(job: Callable[[], object]) -> int:
-    """The exit code of a stage command: 0, or 2 with "error: ..." on stderr for a ValueError (bad
-    input or settings, reported before the expensive work)."""
+def command_main(args: argparse.Namespace, run: Callable[[argparse.Namespace], object], tag: str) -> int:
+    """A stage command (the demo, the ablation): ``--fresh`` first (``start_fresh``), then
+    ``run(args)``. The exit code: 0, or 2 with "error: ..." on stderr for a ValueError (bad input or
+    settings, reported before the expensive work)."""
     try:
-        job()
+        if args.fresh:
+            start_fresh(os.path.abspath(args.out), tag)
+        run(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -351,14 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def job() -> None:
-        if args.fresh:
-            start_fresh(os.path.abspath(args.out), "demo")
-        run_demo(args)
-
-    return command_main(job)
+    return command_main(parse_args(argv), run_demo, "demo")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,6 @@ class Trainer:
 
         self.cfg = cfg
         self.engine = engine
-        self.values = values
         self.tables = values.tables
         self.value_optimizer = values.optimizer
         self.value_scheduler = values.scheduler
