@@ -164,24 +164,27 @@ if triton is not None:
             if COMPUTE_DOTS:
                 part = tl.sum(gt * vrow, axis=1)  # [BLOCK_R]
                 tl.store(dots_ptr + cb * total_lookups + pos, part, mask=jmask)
+        # the plan's padding segments (count 0) write nothing; every real one has a lookup
         dest = tl.load(seg_dest_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
-        tl.store(out_ptr + dest[:, None] * out_stride + offs_d[None, :], acc, mask=mask2)
+        tl.store(out_ptr + dest[:, None] * out_stride + offs_d[None, :], acc, mask=mask2 & (count > 0)[:, None])
 
     @triton.jit
     def _segment_sum_kernel(
         out_ptr, row_ptr, first_ptr, count_ptr, cols, out_stride, BLOCK_D: tl.constexpr,
     ):
-        # program (i, column block): out[row[i]] = sum of the partial rows out[first[i] : first[i] + count[i]]
+        # program (i, column block): out[row[i]] += the partial rows out[first[i] : first[i] + count[i]],
+        # in order (out[row[i]] holds the row's first segment); count 0: a row that was not split
         i = tl.program_id(0).to(tl.int64)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = offs_d < cols
-        row = tl.load(row_ptr + i).to(tl.int64)
-        first = tl.load(first_ptr + i)
         count = tl.load(count_ptr + i)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for p in range(first, first + count):
-            acc += tl.load(out_ptr + p * out_stride + offs_d, mask=dmask, other=0.0)  # p: int64 (first is)
-        tl.store(out_ptr + row * out_stride + offs_d, acc, mask=dmask)
+        if count > 0:
+            offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+            dmask = offs_d < cols
+            row = tl.load(row_ptr + i).to(tl.int64)
+            first = tl.load(first_ptr + i)
+            acc = tl.load(out_ptr + row * out_stride + offs_d, mask=dmask, other=0.0)
+            for p in range(first, first + count):
+                acc += tl.load(out_ptr + p * out_stride + offs_d, mask=dmask, other=0.0)  # p: int64 (first is)
+            tl.store(out_ptr + row * out_stride + offs_d, acc, mask=dmask)
 
     @triton.jit
     def _sparse_adam_kernel(
@@ -260,41 +263,52 @@ class Segments(NamedTuple):
     """The sorted lookups cut into segments of at most ``seg`` lookups of one row each.
 
     A row with more lookups than ``seg`` (a hot memory slot, or any sub-key) is split, so no program
-    walks thousands of lookups alone; its segments write partial sums to rows ``num_rows + p`` of the
-    output buffer, which ``_segment_sum_kernel`` then adds up in segment order (deterministic).
+    walks thousands of lookups alone: its first segment writes the row's slot u of the output buffer
+    in place, each further one a partial row ``num_rows + p``, which ``_segment_sum_kernel`` then adds
+    to slot u in segment order (deterministic).
+
+    Every size is an upper bound known on the host (from U and L), so making the plan never waits
+    for the device: segments past the real count are empty (start == end) and write nothing, and
+    split slots past the real count have no partials.
     """
 
-    row: torch.Tensor  # [C] table row of each segment
+    row: torch.Tensor  # [C] table row of each segment (C = num_rows + max_partials)
     start: torch.Tensor  # [C] first sorted lookup
-    end: torch.Tensor  # [C] one past the last
+    end: torch.Tensor  # [C] one past the last; == start for the padding segments
     dest: torch.Tensor  # [C] output-buffer row: the row's slot u, or num_rows + p for a partial
-    num_partials: int  # P: partial rows after the num_rows final ones
-    split_slots: torch.Tensor  # [M] slots u of the rows that were split
-    split_first: torch.Tensor  # [M] their first partial's buffer row
-    split_count: torch.Tensor  # [M] their number of partials
+    max_partials: int  # P: partial rows after the num_rows final ones (a bound; the real count <= P)
+    split_slots: torch.Tensor  # [M] slots u, the split rows first (ascending), then unsplit ones
+    split_first: torch.Tensor  # [M] buffer row of each one's first partial
+    split_count: torch.Tensor  # [M] its number of partials (0: not split, nothing to add)
 
 
-def plan_segments(rows: torch.Tensor, offsets: torch.Tensor, seg: int) -> Segments:
-    """Segments of the row-grouped lookups: rows [U] distinct table rows, offsets [U + 1] (last = L)."""
+def plan_segments(rows: torch.Tensor, offsets: torch.Tensor, num_lookups: int, seg: int) -> Segments:
+    """Segments of the row-grouped lookups: rows [U] distinct table rows, offsets [U + 1] (last = L).
+
+    A row of c lookups has ceil(c / seg) segments, (c - 1) // seg of them partials; summed over the
+    rows, that is at most (L - U) // seg partials, which sizes the plan without reading the counts.
+    """
     num_rows = rows.numel()
+    max_partials = max(num_lookups - num_rows, 0) // seg
+    max_segments = num_rows + max_partials
     counts = offsets[1:] - offsets[:-1]  # [U], each >= 1
-    pieces = (counts + seg - 1) // seg  # [U]
-    split = pieces > 1
-    total, partials, num_split = torch.stack([pieces.sum(), (pieces * split).sum(), split.sum()]).tolist()
-    slots = torch.arange(num_rows, device=rows.device)
-    if partials == 0:  # the common case for value tables: one segment per row, written in place
-        empty = offsets.new_zeros(0)
-        return Segments(rows, offsets[:-1], offsets[1:], slots, 0, empty, empty, empty)
-    seg_slot = torch.repeat_interleave(slots, pieces, output_size=total)  # [C]
-    first_piece = torch.cumsum(pieces, 0) - pieces  # [U]
-    k = torch.arange(total, device=rows.device) - first_piece[seg_slot]  # piece number within its row
-    start = offsets[seg_slot] + k * seg
-    end = torch.minimum(start + seg, offsets[seg_slot + 1])
-    is_partial = split[seg_slot]  # [C]
-    dest = torch.where(is_partial, num_rows + torch.cumsum(is_partial, 0) - 1, seg_slot)
-    split_slots = torch.argsort((~split).to(torch.int8), stable=True)[:num_split]  # ascending slots
-    return Segments(rows[seg_slot], start, end, dest, partials, split_slots,
-                    dest[first_piece[split_slots]], pieces[split_slots])
+    extra = (counts - 1) // seg  # [U] partials of each row
+    pieces = extra + 1  # [U] segments of each row
+    last_piece = torch.cumsum(pieces, 0)  # [U] one past each row's last segment
+    seg_ids = torch.arange(max_segments, device=rows.device)  # [C]
+    seg_slot = torch.searchsorted(last_piece, seg_ids, right=True)  # [C] == U past the real segments
+    real = seg_slot < num_rows
+    seg_slot = seg_slot.clamp_max(num_rows - 1)
+    piece = seg_ids - (last_piece[seg_slot] - pieces[seg_slot])  # [C] segment number within its row
+    start = offsets[seg_slot] + piece * seg
+    end = torch.where(real, torch.minimum(start + seg, offsets[seg_slot + 1]), start)
+    first_partial = num_rows + torch.cumsum(extra, 0) - extra  # [U] buffer row of each row's first partial
+    dest = torch.where(real & (piece > 0), first_partial[seg_slot] + piece - 1, seg_slot)
+    # the split rows first, in ascending slot order: at most min(U, P) of them
+    max_split = min(num_rows, max_partials)
+    split_slots = torch.argsort((extra == 0).to(torch.int8), stable=True)[:max_split]
+    return Segments(rows[seg_slot], start, end, dest, max_partials, split_slots,
+                    first_partial[split_slots], extra[split_slots])
 
 
 class GroupedLaunch(NamedTuple):
@@ -342,8 +356,8 @@ def row_grouped_backward(
     if num_rows == 0:
         dots = torch.zeros(t, k, dtype=torch.float32, device=table.device) if compute_dots else None
         return torch.empty(0, cols, dtype=torch.float32, device=table.device), dots
-    plan = plan_segments(rows, offsets, launch.seg)
-    out = torch.empty(num_rows + plan.num_partials, cols, dtype=torch.float32, device=table.device)
+    plan = plan_segments(rows, offsets, t * k, launch.seg)
+    out = torch.empty(num_rows + plan.max_partials, cols, dtype=torch.float32, device=table.device)
     # each column block writes its share of every dot; summed below in block order
     dots = torch.empty(col_blocks, t * k, dtype=torch.float32, device=table.device) if compute_dots else None
     g = grad_out.contiguous()
@@ -357,7 +371,7 @@ def row_grouped_backward(
         num_segments, k, t * k, cols, table.stride(0), g.stride(0), out.stride(0),
         COMPUTE_DOTS=compute_dots, BLOCK_R=launch.block_r, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
     )
-    if plan.num_partials:
+    if plan.split_slots.numel():
         _segment_sum_kernel[(plan.split_slots.numel(), col_blocks)](
             out, plan.split_slots, plan.split_first, plan.split_count, cols, out.stride(0),
             BLOCK_D=launch.block_d, num_warps=launch.num_warps,

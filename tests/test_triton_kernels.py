@@ -87,8 +87,8 @@ def test_row_grouped_backward_splits_hot_rows(compute_dots):
     order = sort_lookups(idx)
     offsets = torch.cat([order.offsets, order.offsets.new_tensor([idx.numel()])])
     launch = triton_kernels.GroupedLaunch(block_d=4, block_r=2, seg=3, num_warps=1)
-    plan = triton_kernels.plan_segments(order.rows, offsets, launch.seg)
-    assert plan.num_partials > 0  # the test exercises the split path
+    plan = triton_kernels.plan_segments(order.rows, offsets, idx.numel(), launch.seg)
+    assert int(plan.split_count.max()) > 0  # the test exercises the split path
     values, dots = triton_kernels.row_grouped_backward(
         table, order.rows, offsets, order.perm, w, grad_out, compute_dots, launch)
     ref, ref_dots = lookup_backward(table, idx, w, grad_out, triton=False)
@@ -97,6 +97,51 @@ def test_row_grouped_backward_splits_hot_rows(compute_dots):
         torch.testing.assert_close(dots, ref_dots, rtol=1e-6, atol=1e-5)
     else:
         assert dots is None
+
+
+def _segments_by_hand(counts: list[int], seg: int) -> list[tuple[int, int, int]]:
+    """(slot, start, end) of every real segment, in row order: the plan written out as a loop."""
+    out, offset = [], 0
+    for slot, c in enumerate(counts):
+        for s0 in range(0, c, seg):
+            out.append((slot, offset + s0, offset + min(s0 + seg, c)))
+        offset += c
+    return out
+
+
+@pytest.mark.parametrize("counts, seg", [([1, 1, 1], 4), ([9, 1, 4, 5, 1], 4), ([3, 20, 2, 8], 3), ([7], 7), ([8], 7)])
+def test_segment_plan_is_exact_within_host_bounds_and_never_syncs(counts, seg):
+    """The plan sized by host bounds: its real segments are the hand-cut ones, padding segments are
+    empty, every partial has its own buffer row inside the bound, and the split rows' partials are
+    listed in order; making it reads nothing back from the device (no .tolist / .item)."""
+    from benchmarks.train_step import HostSyncDetector
+
+    rows = torch.arange(len(counts), device=DEVICE) * 10 + 5
+    offsets = torch.tensor([0] + counts, device=DEVICE).cumsum(0)
+    num_lookups = sum(counts)
+    with HostSyncDetector() as syncs:
+        plan = triton_kernels.plan_segments(rows, offsets, num_lookups, seg)
+    assert syncs.events == []
+    num_rows = len(counts)
+    assert plan.max_partials == (num_lookups - num_rows) // seg
+    assert plan.start.numel() == num_rows + plan.max_partials
+    real = (plan.end > plan.start).cpu()
+    hand = _segments_by_hand(counts, seg)
+    got = [(int(r) // 10, int(s), int(e)) for r, s, e in zip(plan.row[real], plan.start[real], plan.end[real])]
+    assert got == [(slot, s, e) for slot, s, e in hand]  # real segments first, in row order
+    assert not real[len(hand):].any()
+    dest = plan.dest[real].tolist()
+    assert len(set(dest)) == len(dest) and max(dest) < num_rows + plan.max_partials  # one writer per buffer row
+    dest_of = {slot: [d for (s, _, _), d in zip(hand, dest) if s == slot] for slot in range(num_rows)}
+    for slot, mine in dest_of.items():  # the first segment in place, further ones to consecutive partial rows
+        partials = mine[1:]
+        assert mine[0] == slot and all(d >= num_rows for d in partials)
+        assert all(b == a + 1 for a, b in zip(partials, partials[1:]))
+    split = [slot for slot, c in enumerate(counts) if c > seg]
+    n = len(split)
+    assert plan.split_slots[:n].tolist() == split and plan.split_count[n:].eq(0).all()
+    for i, slot in enumerate(split):
+        assert plan.split_first[i] == dest_of[slot][1] and plan.split_count[i] == len(dest_of[slot]) - 1
 
 
 def test_gather_dots_matches_torch_path():
