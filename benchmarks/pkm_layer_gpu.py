@@ -29,6 +29,7 @@ from torch import nn
 
 from pkm import ProductKeyMemory, SparseAdam, SparseGrad, ValueTable
 from pkm import triton_kernels
+from pkm.sparse_adam import _bump_row_steps
 from pkm.values import sort_lookups
 
 
@@ -176,6 +177,7 @@ def bench_kernels(args, bandwidth: float) -> list[dict]:
     lookups = idx.numel()
     grad_vals = torch.randn(uniq, d, device="cuda")
     opt = SparseAdam([mem.values], lr=1e-3)
+    row_counts = torch.zeros(table.shape[0], device="cuda")
 
     def adam():
         mem.values.sparse_grad = SparseGrad(order.rows, grad_vals)
@@ -189,8 +191,14 @@ def bench_kernels(args, bandwidth: float) -> list[dict]:
         "row_grouped_backward (default launch, incl. segment plan)": (
             lambda: triton_kernels.row_grouped_backward(table, order.rows, offsets, order.perm, w, grad_out),
             uniq * (d * f32 + i64 + 2 * i64 + d * f32) + lookups * (i64 + act + d * act + 2 * f32)),
+        "segment plan alone (sized by host bounds, no sync)": (
+            lambda: triton_kernels.plan_segments(order.rows, offsets, lookups, 64), None),
         "sort_lookups (torch)": (lambda: sort_lookups(idx), None),
-        "sparse_adam (step)": (adam, uniq * (7 * d * f32 + i64 + 2 * f32)),
+        "sparse_adam (step: counts, corrections and update in one kernel)": (
+            adam, uniq * (7 * d * f32 + i64 + 2 * f32)),
+        # what that kernel absorbed: the per-row counts and corrections as the torch path's ops
+        "per-row counts + bias corrections as torch ops (before)": (
+            lambda: _bump_row_steps(row_counts, order.rows, 0.9, 0.999), None),
     }
     # launch variants of the row-grouped backward (block_d, block_r, seg, num_warps): the value table
     # with dots, and a sub-key-like table (128 columns, 4096 rows, ~1000 lookups per row) without

@@ -34,8 +34,11 @@ pkm/checkpoint_values.py see the same tensors as before.
 CUDA speed: the same one-pass-per-row update as a Triton kernel (``pkm.triton_kernels.sparse_adam_rows``:
 read weight, both moments and the gradient once, write three back; moments bitwise equal to the torch
 path, the weight within an ulp), chosen automatically for CUDA tables when Triton imports; the torch-op
-path runs with ``PKM_TRITON=0`` or ``optimizer.triton = False``. The per-row counts and bias
-corrections are computed by the same torch ops for both (``_bump_row_steps``).
+path runs with ``PKM_TRITON=0`` or ``optimizer.triton = False``. The kernel also counts the rows'
+steps and looks their bias corrections up by count in a ``BiasCorrectionTable`` (the torch path's
+expressions, evaluated once per count rather than once per row and step), so a table's whole step is
+one launch. The table must cover every count: the optimizer bounds the counts on the host by counting
+its own steps, and reads them from the device only when they are new or were changed from outside.
 """
 
 from __future__ import annotations
@@ -161,6 +164,36 @@ def _bump_row_steps(
     return bias1, bias2_sqrt
 
 
+class BiasCorrectionTable:
+    """(1 - beta1^t, sqrt(1 - beta2^t)) as fp32 for every count t = 0 .. S - 1, on the device.
+
+    The CUDA kernel looks each row's corrections up by its new count instead of the step computing
+    them per row (a dozen small torch ops over the touched rows). The entries are ``_bump_row_steps``'
+    own expressions on t, so they are the values the torch path computes for a row with that count.
+    The table grows (doubling) when the counts may reach its end; with ``t`` counted per row, S stays
+    about the number of steps taken (8 bytes an entry).
+    """
+
+    MIN_SIZE = 1024
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._bias1: torch.Tensor | None = None
+        self._bias2_sqrt: torch.Tensor | None = None
+
+    def covering(self, max_count: int, beta1: float, beta2: float,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables (bias1 [S], bias2_sqrt [S]) with S > max_count, for these betas on ``device``."""
+        size = self._bias1.numel() if self._bias1 is not None else 0
+        if self._key != (beta1, beta2, device) or size <= max_count:
+            size = max(self.MIN_SIZE, 1 << max_count.bit_length())  # a power of two > max_count
+            counts = torch.arange(size, dtype=torch.float64, device=device)
+            self._bias1 = (1.0 - beta1**counts).to(torch.float32)
+            self._bias2_sqrt = (1.0 - beta2**counts).sqrt().to(torch.float32)
+            self._key = (beta1, beta2, device)
+        return self._bias1, self._bias2_sqrt
+
+
 def native_available() -> bool:
     """Whether the fused CPU kernel is (or can be) built in this process."""
     return _build_native() is not None
@@ -210,6 +243,9 @@ class SparseAdam(torch.optim.Optimizer):
         # CUDA: the fused Triton row kernel (None = automatic, see pkm.values.triton_enabled;
         # False = the torch-op path; PKM_TRITON=0 turns the automatic choice off)
         self.triton: bool | None = None
+        self._bias_corrections = BiasCorrectionTable()
+        # per weight: (its row_step tensor, that tensor's version, a bound on its counts), see _row_count_bound
+        self._count_bounds: dict[torch.Tensor, tuple[torch.Tensor, int, int]] = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__([t.weight for t in tables], defaults)
 
@@ -243,15 +279,17 @@ class SparseAdam(torch.optim.Optimizer):
                 table.zero_grad()
                 continue
 
-            bias1, bias2_sqrt = _bump_row_steps(state["row_step"], rows, beta1, beta2)  # [U] each
             if triton_enabled(weight, self.triton):
                 from pkm import triton_kernels
 
-                # lr / bias1: the torch path's own expression, so the step size is bitwise the same
-                triton_kernels.sparse_adam_rows(weight, state["exp_avg"], state["exp_avg_sq"], g, rows,
-                                                lr / bias1, bias2_sqrt, beta1, beta2, eps, lr * wd)
+                # one kernel: counts, bias corrections (looked up by count) and the update
+                bias1, bias2_sqrt = self._bias_corrections.covering(
+                    self._row_count_bound(weight, state["row_step"]), beta1, beta2, weight.device)
+                triton_kernels.sparse_adam_rows(weight, state["exp_avg"], state["exp_avg_sq"], state["row_step"],
+                                                g, rows, bias1, bias2_sqrt, lr, beta1, beta2, eps, lr * wd)
                 table.zero_grad()
                 continue
+            bias1, bias2_sqrt = _bump_row_steps(state["row_step"], rows, beta1, beta2)  # [U] each
             bias1, bias2_sqrt = bias1.unsqueeze(1), bias2_sqrt.unsqueeze(1)  # [U, 1]
 
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -265,6 +303,22 @@ class SparseAdam(torch.optim.Optimizer):
                 )
             table.zero_grad()
         return loss
+
+    def _row_count_bound(self, weight: torch.Tensor, row_step: torch.Tensor) -> int:
+        """A bound on every row's count after this step, known on the host without reading the device.
+
+        Each step adds at most one to a count, so the bound is counted up from the last one. The
+        counts are read (one host sync) only when they are new to this optimizer or were changed by
+        anything but the kernel (a loaded checkpoint replaces the tensor; an in-place torch op, such
+        as the torch path's, bumps its version; the kernel's own writes do not).
+        """
+        known = self._count_bounds.get(weight)
+        if known is not None and known[0] is row_step and known[1] == row_step._version:
+            bound = known[2] + 1
+        else:
+            bound = (int(row_step.max()) if row_step.numel() else 0) + 1
+        self._count_bounds[weight] = (row_step, row_step._version, bound)
+        return bound
 
     def _native_step(self, weight: torch.Tensor, state: dict, rows: torch.Tensor, g: torch.Tensor,
                      lr: float, beta1: float, beta2: float, eps: float, wd: float) -> bool:

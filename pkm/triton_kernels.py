@@ -25,8 +25,9 @@ passes *are* the cost. Here:
   three back, with ``SparseAdam``'s torch-path arithmetic (lerp as ATen's fma form, addcmul rounded as
   ATen's kernel for that device rounds it, correctly rounded sqrt and division), so the moments are
   bitwise equal to the torch path and the weight within an ulp (Triton may contract the final
-  multiply-subtract into an fma). The per-row bias corrections come in precomputed by the same torch
-  expressions the torch path uses.
+  multiply-subtract into an fma). The kernel also counts each row's step and looks its bias
+  corrections up by the new count in a table the caller fills with the torch path's expressions, so
+  a table's whole step is one launch.
 
 All kernels take fp32 tables (the master weights) and fp32, bf16 or fp16 activations, any number of
 columns (masked, not only powers of two; a column shard of a sharded table is just a narrower table
@@ -188,36 +189,43 @@ if triton is not None:
 
     @triton.jit
     def _sparse_adam_kernel(
-        w_ptr, m_ptr, v_ptr, g_ptr, rows_ptr, step_size_ptr, bc2s_ptr,
+        w_ptr, m_ptr, v_ptr, count_ptr, g_ptr, rows_ptr, bc1_ptr, bc2s_ptr,
         cols, w_stride, m_stride, v_stride, g_stride,
-        omb1, omb2, beta2, eps, lrwd,
+        lr, omb1, omb2, beta2, eps, lrwd,
         HAS_WD: tl.constexpr, CUDA_ADDCMUL: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        # program (u, column block): Adam on row rows[u]; the same formulas as SparseAdam._update_rows
+        # program u: Adam on row rows[u], all its columns; the same formulas as SparseAdam's torch
+        # path (_bump_row_steps and _update_rows). One program per row, so the row's count is read
+        # and written by one program only (rows are unique).
         u = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask = offs < cols
         r = tl.load(rows_ptr + u).to(tl.int64)
-        step_size = tl.load(step_size_ptr + u)
-        bc2s = tl.load(bc2s_ptr + u)
-        g = tl.load(g_ptr + u * g_stride + offs, mask=mask, other=0.0)
-        m = tl.load(m_ptr + r * m_stride + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + r * v_stride + offs, mask=mask, other=0.0)
-        w = tl.load(w_ptr + r * w_stride + offs, mask=mask, other=0.0)
-        m = tl.fma(omb1, g - m, m)  # m.lerp_(g, 1 - beta1), ATen's weight < 0.5 form
-        # v.mul_(beta2).addcmul_(g, g, value=1 - beta2), rounded as ATen's kernel on that device does:
-        # CUDA computes a + alpha * (b * c), the CPU kernels (a + alpha * b) * c in one fma
-        if CUDA_ADDCMUL:
-            v = tl.fma(omb2, g * g, v * beta2)
-        else:
-            v = tl.fma(omb2 * g, g, v * beta2)
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2s) + eps
-        upd = tl.div_rn(m, denom) * step_size
-        if HAS_WD:
-            upd = tl.fma(w, lrwd, upd)  # decoupled decay folded into the step, as the torch path
-        tl.store(m_ptr + r * m_stride + offs, m, mask=mask)
-        tl.store(v_ptr + r * v_stride + offs, v, mask=mask)
-        tl.store(w_ptr + r * w_stride + offs, w - upd, mask=mask)
+        t = tl.load(count_ptr + r) + 1.0  # fp32 count, exact below 2^24
+        tl.store(count_ptr + r, t)
+        t_idx = t.to(tl.int32)
+        bc1 = tl.load(bc1_ptr + t_idx)
+        bc2s = tl.load(bc2s_ptr + t_idx)
+        step_size = tl.div_rn(1.0, bc1) * lr  # the torch path's lr / bc1, which torch computes as bc1.reciprocal() * lr
+        for c0 in range(0, cols, BLOCK_D):
+            offs = c0 + tl.arange(0, BLOCK_D)
+            mask = offs < cols
+            g = tl.load(g_ptr + u * g_stride + offs, mask=mask, other=0.0)
+            m = tl.load(m_ptr + r * m_stride + offs, mask=mask, other=0.0)
+            v = tl.load(v_ptr + r * v_stride + offs, mask=mask, other=0.0)
+            w = tl.load(w_ptr + r * w_stride + offs, mask=mask, other=0.0)
+            m = tl.fma(omb1, g - m, m)  # m.lerp_(g, 1 - beta1), ATen's weight < 0.5 form
+            # v.mul_(beta2).addcmul_(g, g, value=1 - beta2), rounded as ATen's kernel on that device does:
+            # CUDA computes a + alpha * (b * c), the CPU kernels (a + alpha * b) * c in one fma
+            if CUDA_ADDCMUL:
+                v = tl.fma(omb2, g * g, v * beta2)
+            else:
+                v = tl.fma(omb2 * g, g, v * beta2)
+            denom = tl.div_rn(tl.sqrt_rn(v), bc2s) + eps
+            upd = tl.div_rn(m, denom) * step_size
+            if HAS_WD:
+                upd = tl.fma(w, lrwd, upd)  # decoupled decay folded into the step, as the torch path
+            tl.store(m_ptr + r * m_stride + offs, m, mask=mask)
+            tl.store(v_ptr + r * v_stride + offs, v, mask=mask)
+            tl.store(w_ptr + r * w_stride + offs, w - upd, mask=mask)
 
 
 def _check_table(table: torch.Tensor) -> None:
@@ -385,10 +393,12 @@ def sparse_adam_rows(
     weight: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
+    row_step: torch.Tensor,
     grad: torch.Tensor,
     rows: torch.Tensor,
-    step_size: torch.Tensor,
+    bias1: torch.Tensor,
     bias2_sqrt: torch.Tensor,
+    lr: float,
     beta1: float,
     beta2: float,
     eps: float,
@@ -396,22 +406,27 @@ def sparse_adam_rows(
 ) -> None:
     """In-place Adam on ``rows`` (unique) of weight / exp_avg / exp_avg_sq from grad [U, cols] fp32.
 
-    step_size [U] = lr / bias_correction1 and bias2_sqrt [U] = sqrt(bias_correction2), fp32, computed
-    by the caller with the torch path's own expressions; lr_wd = lr * weight_decay (0: no decay).
+    Each row's count in row_step [num_rows] fp32 goes up by one; its bias corrections are looked up
+    by the new count t in bias1 [S] = 1 - beta1^t and bias2_sqrt [S] = sqrt(1 - beta2^t) (fp32; the
+    caller makes S larger than every count). lr_wd = lr * weight_decay (0: no decay).
     """
     for name, ten in (("weight", weight), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         _check_table(ten)
         if ten.dtype != torch.float32:
             raise ValueError(f"sparse Adam kernel needs fp32 {name}, got {ten.dtype}.")
+    for name, ten in (("row_step", row_step), ("bias1", bias1), ("bias2_sqrt", bias2_sqrt)):
+        if ten.dtype != torch.float32 or ten.dim() != 1 or ten.stride(0) != 1:
+            raise ValueError(f"sparse Adam kernel needs a contiguous 1-D fp32 {name}, got {ten.dtype} "
+                             f"of shape {tuple(ten.shape)}.")
     num_rows, cols = rows.numel(), weight.shape[1]
     if num_rows == 0:
         return
     g = grad.contiguous()
     block_d = _col_block(cols, 1024)
-    grid = (num_rows, triton.cdiv(cols, block_d))
-    _sparse_adam_kernel[grid](
-        weight, exp_avg, exp_avg_sq, g, rows.contiguous(), step_size.contiguous(), bias2_sqrt.contiguous(),
+    _sparse_adam_kernel[(num_rows,)](
+        weight, exp_avg, exp_avg_sq, row_step, g, rows.contiguous(), bias1, bias2_sqrt,
         cols, weight.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0), g.stride(0),
-        1.0 - beta1, 1.0 - beta2, beta2, eps, lr_wd,
-        HAS_WD=lr_wd != 0.0, CUDA_ADDCMUL=weight.device.type == "cuda", BLOCK_D=block_d, num_warps=4 if block_d >= 512 else 2,
+        lr, 1.0 - beta1, 1.0 - beta2, beta2, eps, lr_wd,
+        HAS_WD=lr_wd != 0.0, CUDA_ADDCMUL=weight.device.type == "cuda", BLOCK_D=block_d,
+        num_warps=4 if block_d >= 512 else 2,
     )

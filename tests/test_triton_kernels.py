@@ -225,11 +225,11 @@ def _ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((ia - ib).abs().max())
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_sparse_adam_kernel_matches_torch_path(weight_decay):
+@pytest.mark.parametrize("weight_decay, cols", [(0.0, 13), (0.1, 13), (0.1, 1030)])  # 1030: two column chunks
+def test_sparse_adam_kernel_matches_torch_path(weight_decay, cols):
     """Moments and per-row counts bitwise equal, weights within one ulp, untouched rows unchanged,
     over steps that touch irregular, partly overlapping sets of rows."""
-    rows, cols = 40, 13
+    rows = 40
     tables, opts = [], []
     for flag in (True, False):
         table = ValueTable(rows, cols).to(DEVICE)
@@ -252,11 +252,62 @@ def test_sparse_adam_kernel_matches_torch_path(weight_decay):
     sk, st = ok.state[tk.weight], ot.state[tt.weight]
     for key in ("exp_avg", "exp_avg_sq", "row_step"):
         assert torch.equal(sk[key], st[key]), key
-    assert _ulp_distance(tk.weight.detach(), tt.weight.detach()) <= 1
+    # on CPU, rows long enough for ATen's vectorised sqrt (not correctly rounded; the kernel's is)
+    # put the reference itself up to one more ulp off
+    max_ulps = 2 if DEVICE == "cpu" and cols >= 16 else 1
+    assert _ulp_distance(tk.weight.detach(), tt.weight.detach()) <= max_ulps
     untouched = ~touched.to(DEVICE)
     assert torch.equal(tk.weight.detach()[untouched], before[untouched])
     assert torch.count_nonzero(sk["exp_avg"][untouched]) == 0
     assert not torch.equal(tk.weight.detach()[touched.to(DEVICE)], before[touched.to(DEVICE)])
+
+
+def test_sparse_adam_kernel_counts_past_its_correction_table_and_after_a_load(monkeypatch):
+    """The kernel looks bias corrections up by count: counts that outgrow the table (it grows), and
+    counts put in from outside (a loaded checkpoint's state, an in-place edit) give the torch path's
+    result bitwise, with the counts read back only then."""
+    from pkm.sparse_adam import BiasCorrectionTable
+
+    monkeypatch.setattr(BiasCorrectionTable, "MIN_SIZE", 4)
+    rows, cols = 12, 5
+    tables, opts = [], []
+    for flag in (True, False):
+        table = ValueTable(rows, cols).to(DEVICE)
+        with torch.no_grad():
+            table.weight.copy_(_table(rows, cols))
+        opt = SparseAdam([table], lr=1e-2, betas=(0.8, 0.99))
+        opt.triton, opt.native = flag, False
+        tables.append(table), opts.append(opt)
+    g = torch.Generator().manual_seed(9)
+
+    def step(sel):
+        values = torch.randn(sel.numel(), cols, generator=g)
+        for table, opt in zip(tables, opts):
+            table.sparse_grad = SparseGrad(sel.to(DEVICE), values.to(DEVICE).clone())
+            opt.step()
+
+    def assert_same():
+        (tk, tt), (ok, ot) = tables, opts
+        for key in ("exp_avg", "exp_avg_sq", "row_step"):
+            assert torch.equal(ok.state[tk.weight][key], ot.state[tt.weight][key]), key
+        assert _ulp_distance(tk.weight.detach(), tt.weight.detach()) <= 1
+
+    every = torch.arange(rows)
+    for _ in range(9):  # counts 1..9 over a table that starts with 4 entries
+        step(every)
+    assert opts[0]._bias_corrections.covering(0, 0.8, 0.99, torch.device(DEVICE))[0].numel() > 9
+    assert_same()
+    loaded = {k: v.clone() for k, v in opts[1].state[tables[1].weight].items()}
+    loaded["row_step"][::2] = 5000.0  # a checkpoint from a longer run: far past the table
+    for table, opt in zip(tables, opts):
+        opt.state[table.weight] = {k: v.clone() for k, v in loaded.items()}
+    step(every)
+    assert_same()
+    assert opts[0].state[tables[0].weight]["row_step"][0] == 5001.0
+    for opt, table in zip(opts, tables):  # an in-place edit of the counts is seen too
+        opt.state[table.weight]["row_step"][1] = 20000.0
+    step(every[:3])
+    assert_same()
 
 
 def test_triton_switch(monkeypatch):
