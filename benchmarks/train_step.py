@@ -63,13 +63,14 @@ class HostSyncDetector(TorchDispatchMode):
     """Records every op that makes the host wait for the device, and the source line that asked.
 
     Caught: ``.item()``/``float()``/``bool()`` of a tensor (aten._local_scalar_dense), ``nonzero``,
-    ``masked_select``, indexing with a boolean mask (its length is data dependent), and
-    ``Tensor.tolist``. On a CPU these are not syncs, but they are the same calls that stall a GPU, so
+    ``masked_select``, ``unique``/``unique_consecutive`` and ``bincount`` (their output sizes are data
+    dependent), indexing with a boolean mask (likewise), and ``Tensor.tolist``. On a CPU these are not syncs, but they are the same calls that stall a GPU, so
     the detector finds them without one. ``where`` is the innermost frame outside torch itself:
     a repository path relative to the repo root (``pkm/memory.py:123``), or another library's file.
     """
 
-    _SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero")
+    _SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "unique_consecutive",
+                 "_unique", "_unique2", "unique_dim", "unique_dim_consecutive", "bincount")
     _INDEX_OPS = ("index", "index_put", "index_put_")
 
     def __init__(self) -> None:

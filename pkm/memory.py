@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkm.memory_config import MemoryConfig
-from pkm.values import ValueTable, row_sparse_grad, weighted_bag, weighted_bag_weights_grad
+from pkm.values import ValueTable, dense_row_grad, weighted_bag, weighted_bag_weights_grad
 
 __all__ = ["MemoryOutput", "ProductKeyMemory", "QueryBatchNorm", "product_key_topk"]
 
@@ -172,8 +172,7 @@ class _PickedDots(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_rows = weighted_bag(table32, pick, g, triton=ctx.triton).to(rows_dtype)  # [R, half]
         if ctx.needs_input_grad[1]:
-            sparse = row_sparse_grad(pick, g, rows32, triton=ctx.triton)  # [U] sub-keys, [U, half]
-            grad_table = table32.new_zeros(table32.shape).index_copy_(0, sparse.rows, sparse.values)
+            grad_table = dense_row_grad(pick, g, rows32, table32.shape[0], triton=ctx.triton)  # [H*2*n, half]
             grad_table = grad_table.to(table_dtype)
         return grad_rows, grad_table, None, None
 

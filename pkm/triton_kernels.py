@@ -290,18 +290,21 @@ class Segments(NamedTuple):
     split_count: torch.Tensor  # [M] its number of partials (0: not split, nothing to add)
 
 
-def plan_segments(rows: torch.Tensor, offsets: torch.Tensor, num_lookups: int, seg: int) -> Segments:
-    """Segments of the row-grouped lookups: rows [U] distinct table rows, offsets [U + 1] (last = L).
+def plan_segments(rows: torch.Tensor, offsets: torch.Tensor, num_lookups: int, seg: int,
+                  empty_rows: bool = False) -> Segments:
+    """Segments of the row-grouped lookups: rows [U] table rows, offsets [U + 1] (last = L).
 
     A row of c lookups has ceil(c / seg) segments, (c - 1) // seg of them partials; summed over the
     rows, that is at most (L - U) // seg partials, which sizes the plan without reading the counts.
+    ``empty_rows``: some rows may have no lookup (every row of a small table); they get no segment,
+    and the bound becomes L // seg.
     """
     num_rows = rows.numel()
-    max_partials = max(num_lookups - num_rows, 0) // seg
-    max_segments = num_rows + max_partials
-    counts = offsets[1:] - offsets[:-1]  # [U], each >= 1
-    extra = (counts - 1) // seg  # [U] partials of each row
-    pieces = extra + 1  # [U] segments of each row
+    max_partials = max(num_lookups - (0 if empty_rows else num_rows), 0) // seg
+    max_segments = min(num_rows, num_lookups) + max_partials
+    counts = offsets[1:] - offsets[:-1]  # [U], each >= 1 unless empty_rows
+    extra = ((counts - 1) // seg).clamp_min(0)  # [U] partials of each row
+    pieces = torch.where(counts > 0, extra + 1, 0) if empty_rows else extra + 1  # [U] segments of each row
     last_piece = torch.cumsum(pieces, 0)  # [U] one past each row's last segment
     seg_ids = torch.arange(max_segments, device=rows.device)  # [C]
     seg_slot = torch.searchsorted(last_piece, seg_ids, right=True)  # [C] == U past the real segments
@@ -346,12 +349,14 @@ def row_grouped_backward(
     grad_out: torch.Tensor,
     compute_dots: bool = True,
     launch: GroupedLaunch | None = None,
+    empty_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Both lookup gradients from one pass over the lookups grouped by row.
 
     rows [U] distinct rows; offsets [U + 1] start of each row's lookups in sorted order (last = T*K);
     perm [T*K] flat position t*K + k of each sorted lookup; weights [T, K]; grad_out [T, cols].
-    Returns (value grad [U, cols] fp32, score grad [T, K] fp32 or None).
+    Returns (value grad [U, cols] fp32, score grad [T, K] fp32 or None). With ``empty_rows``, rows
+    may have no lookups (offsets repeat); their gradient rows are zero.
     """
     _check_table(table)
     t, k = weights.shape
@@ -364,8 +369,9 @@ def row_grouped_backward(
     if num_rows == 0:
         dots = torch.zeros(t, k, dtype=torch.float32, device=table.device) if compute_dots else None
         return torch.empty(0, cols, dtype=torch.float32, device=table.device), dots
-    plan = plan_segments(rows, offsets, t * k, launch.seg)
-    out = torch.empty(num_rows + plan.max_partials, cols, dtype=torch.float32, device=table.device)
+    plan = plan_segments(rows, offsets, t * k, launch.seg, empty_rows)
+    alloc = torch.zeros if empty_rows else torch.empty  # an empty row has no segment to write it
+    out = alloc(num_rows + plan.max_partials, cols, dtype=torch.float32, device=table.device)
     # each column block writes its share of every dot; summed below in block order
     dots = torch.empty(col_blocks, t * k, dtype=torch.float32, device=table.device) if compute_dots else None
     g = grad_out.contiguous()
@@ -373,12 +379,13 @@ def row_grouped_backward(
     by_count = torch.argsort(plan.end - plan.start, descending=True, stable=True)
     seg_row, seg_start, seg_end, seg_dest = (x[by_count] for x in (plan.row, plan.start, plan.end, plan.dest))
     num_segments = seg_row.numel()
-    _segment_grad_kernel[(triton.cdiv(num_segments, launch.block_r), col_blocks)](
-        table, seg_row, seg_start, seg_end, seg_dest, perm, weights.contiguous(), g,
-        out, dots if dots is not None else out,
-        num_segments, k, t * k, cols, table.stride(0), g.stride(0), out.stride(0),
-        COMPUTE_DOTS=compute_dots, BLOCK_R=launch.block_r, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
-    )
+    if num_segments:  # none: no lookups at all (empty_rows)
+        _segment_grad_kernel[(triton.cdiv(num_segments, launch.block_r), col_blocks)](
+            table, seg_row, seg_start, seg_end, seg_dest, perm, weights.contiguous(), g,
+            out, dots if dots is not None else out,
+            num_segments, k, t * k, cols, table.stride(0), g.stride(0), out.stride(0),
+            COMPUTE_DOTS=compute_dots, BLOCK_R=launch.block_r, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+        )
     if plan.split_slots.numel():
         _segment_sum_kernel[(plan.split_slots.numel(), col_blocks)](
             out, plan.split_slots, plan.split_first, plan.split_count, cols, out.stride(0),

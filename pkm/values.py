@@ -29,6 +29,7 @@ __all__ = [
     "weighted_bag",
     "weighted_bag_weights_grad",
     "row_sparse_grad",
+    "dense_row_grad",
     "merge_sparse_grads",
     "ValueLookup",
     "GradWorkspace",
@@ -237,6 +238,36 @@ def row_sparse_grad(
             tokens[l0:l1], g, offsets[r0:r1] - l0, per_sample_weights=w[l0:l1], mode="sum"
         )  # [r1 - r0, cols]
     return SparseGrad(rows, values)
+
+
+def dense_row_grad(
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    grad_out: torch.Tensor,
+    num_rows: int,
+    triton: bool | None = None,
+) -> torch.Tensor:
+    """``row_sparse_grad`` as a dense [num_rows, cols] fp32 gradient (rows without lookups are zero),
+    for small tables (the sub-keys of ``pkm.memory``).
+
+    On CUDA the lookups are grouped by row without finding the distinct rows: every row of the table
+    is a group, its bounds found by a search in the sorted lookups, so nothing waits for the device
+    (``unique_consecutive`` would: its output size is data dependent), and the row-grouped kernel
+    writes the dense gradient directly.
+    """
+    if triton_enabled(grad_out, triton):
+        from pkm import triton_kernels
+
+        sorted_rows, perm = torch.sort(indices.reshape(-1), stable=True)  # [L] each
+        all_rows = torch.arange(num_rows + 1, device=indices.device)
+        offsets = torch.searchsorted(sorted_rows, all_rows)  # [R + 1] first lookup of each row; last = L
+        g = grad_out.contiguous()  # also stands in for the table, which is not read without dots
+        grad, _ = triton_kernels.row_grouped_backward(
+            g, all_rows[:-1], offsets, perm, weights, g, compute_dots=False, empty_rows=True)
+        return grad
+    sparse = row_sparse_grad(indices, weights, grad_out, triton=False)
+    dense = torch.zeros(num_rows, grad_out.shape[1], dtype=torch.float32, device=grad_out.device)
+    return dense.index_copy_(0, sparse.rows, sparse.values)
 
 
 def _row_grouped(

@@ -99,6 +99,22 @@ def test_row_grouped_backward_splits_hot_rows(compute_dots):
         assert dots is None
 
 
+def test_row_grouped_backward_with_empty_rows_splits_hot_rows():
+    """Every row of a table as a group (``empty_rows``): rows without lookups come out zero, hot
+    rows are split and summed, as the torch path's coalesced grad put into a dense table."""
+    idx, w = _lookups(12, 5, 8)  # 40 table rows, lookups only in rows 0..7; row 3 hot
+    g = torch.randn(12, 10, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    sorted_rows, perm = torch.sort(idx.reshape(-1), stable=True)
+    all_rows = torch.arange(41, device=DEVICE)
+    offsets = torch.searchsorted(sorted_rows, all_rows)
+    launch = triton_kernels.GroupedLaunch(block_d=4, block_r=2, seg=3, num_warps=1)
+    got, _ = triton_kernels.row_grouped_backward(g, all_rows[:-1], offsets, perm, w, g, False, launch, empty_rows=True)
+    ref = lookup_backward(_table(40, 10), idx, w, g, need_weights_grad=False, triton=False)[0]
+    dense = torch.zeros(40, 10, device=DEVICE).index_copy_(0, ref.rows, ref.values)
+    torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[8:], torch.zeros(32, 10, device=DEVICE))
+
+
 def _segments_by_hand(counts: list[int], seg: int) -> list[tuple[int, int, int]]:
     """(slot, start, end) of every real segment, in row order: the plan written out as a loop."""
     out, offset = [], 0
@@ -109,7 +125,8 @@ def _segments_by_hand(counts: list[int], seg: int) -> list[tuple[int, int, int]]
     return out
 
 
-@pytest.mark.parametrize("counts, seg", [([1, 1, 1], 4), ([9, 1, 4, 5, 1], 4), ([3, 20, 2, 8], 3), ([7], 7), ([8], 7)])
+@pytest.mark.parametrize("counts, seg", [([1, 1, 1], 4), ([9, 1, 4, 5, 1], 4), ([3, 20, 2, 8], 3), ([7], 7), ([8], 7),
+                                         ([0, 9, 0, 0, 4, 1, 0], 4), ([0, 0, 0], 3)])  # zeros: empty_rows
 def test_segment_plan_is_exact_within_host_bounds_and_never_syncs(counts, seg):
     """The plan sized by host bounds: its real segments are the hand-cut ones, padding segments are
     empty, every partial has its own buffer row inside the bound, and the split rows' partials are
@@ -119,20 +136,21 @@ def test_segment_plan_is_exact_within_host_bounds_and_never_syncs(counts, seg):
     rows = torch.arange(len(counts), device=DEVICE) * 10 + 5
     offsets = torch.tensor([0] + counts, device=DEVICE).cumsum(0)
     num_lookups = sum(counts)
+    empty_rows = 0 in counts
     with HostSyncDetector() as syncs:
-        plan = triton_kernels.plan_segments(rows, offsets, num_lookups, seg)
+        plan = triton_kernels.plan_segments(rows, offsets, num_lookups, seg, empty_rows)
     assert syncs.events == []
     num_rows = len(counts)
-    assert plan.max_partials == (num_lookups - num_rows) // seg
-    assert plan.start.numel() == num_rows + plan.max_partials
+    assert plan.max_partials == (num_lookups - (0 if empty_rows else num_rows)) // seg
+    assert plan.start.numel() == min(num_rows, num_lookups) + plan.max_partials
     real = (plan.end > plan.start).cpu()
     hand = _segments_by_hand(counts, seg)
     got = [(int(r) // 10, int(s), int(e)) for r, s, e in zip(plan.row[real], plan.start[real], plan.end[real])]
     assert got == [(slot, s, e) for slot, s, e in hand]  # real segments first, in row order
     assert not real[len(hand):].any()
     dest = plan.dest[real].tolist()
-    assert len(set(dest)) == len(dest) and max(dest) < num_rows + plan.max_partials  # one writer per buffer row
-    dest_of = {slot: [d for (s, _, _), d in zip(hand, dest) if s == slot] for slot in range(num_rows)}
+    assert len(set(dest)) == len(dest) and all(d < num_rows + plan.max_partials for d in dest)  # one writer each
+    dest_of = {slot: [d for (s, _, _), d in zip(hand, dest) if s == slot] for slot in range(num_rows) if counts[slot]}
     for slot, mine in dest_of.items():  # the first segment in place, further ones to consecutive partial rows
         partials = mine[1:]
         assert mine[0] == slot and all(d >= num_rows for d in partials)
@@ -142,6 +160,28 @@ def test_segment_plan_is_exact_within_host_bounds_and_never_syncs(counts, seg):
     assert plan.split_slots[:n].tolist() == split and plan.split_count[n:].eq(0).all()
     for i, slot in enumerate(split):
         assert plan.split_first[i] == dest_of[slot][1] and plan.split_count[i] == len(dest_of[slot]) - 1
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 9])
+def test_dense_row_grad_matches_torch_path_without_a_sync(tokens):
+    """The sub-keys' dense gradient: every row of the table a group (rows without lookups zero, a
+    hot row split), equal to the torch path's coalesced grad put into zeros; grouping the lookups
+    asks nothing of the device (no unique, no .tolist)."""
+    from benchmarks.train_step import HostSyncDetector
+    from pkm.values import dense_row_grad
+
+    num_rows, cols = 30, 6
+    idx, w = _lookups(tokens, 7, 12)  # rows 12..29 never looked up; row 3 hot
+    x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    ref = dense_row_grad(idx, w, x, num_rows, triton=False)
+    with HostSyncDetector() as syncs:
+        got = dense_row_grad(idx, w, x, num_rows, triton=True)
+    assert syncs.events == []
+    assert got.shape == (num_rows, cols) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[12:], torch.zeros(num_rows - 12, cols, device=DEVICE))
+    if tokens:
+        assert ref[:12].abs().sum() > 0
 
 
 def test_gather_dots_matches_torch_path():
