@@ -5,8 +5,9 @@
 # returns what it did. Stages, most important first:
 #   1. benchmarks/gpu_kernels.sh: kernel tests on CUDA, launch sweep, layer benchmark vs XLM and FFN
 #   2. training step, BERT-large: plain HF vs ours vs ours + PKM, micro-batches 64 and 256
-#   3. the same for BERT-base (with the host-sync report)
-#   4. torch.profiler of BERT-large + PKM at micro-batch 256
+#   3. the same at micro-batch 256 with the encoder layers torch.compile'd (train.compile), all rows
+#   4. the same as 2 for BERT-base (with the host-sync report)
+#   5. torch.profiler of BERT-large + PKM at micro-batch 256
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -26,6 +27,9 @@ BENCH=(benchmarks/train_step.py --gpu --gpu-micro 64,256 --seq 128 --steps 8 --w
        --ds-config ds_configs/h200_bert_large_bf16.json)
 timeout -k 10 150 python3 "${BENCH[@]}" --models large --json "$T/large.json" > "$T/large.log" 2>&1
 echo "large: exit $?"; tail -n 14 "$T/large.log"; pack
+timeout -k 10 200 python3 "${BENCH[@]}" --models large --gpu-micro 256 --compile --json "$T/large_compiled.json" \
+  > "$T/large_compiled.log" 2>&1
+echo "large, compiled: exit $?"; tail -n 8 "$T/large_compiled.log"; pack
 timeout -k 10 100 python3 "${BENCH[@]}" --models base --check-syncs --json "$T/base.json" > "$T/base.log" 2>&1
 echo "base: exit $?"; tail -n 14 "$T/base.log"; pack
 timeout -k 10 70 python3 benchmarks/train_step.py --gpu --models large --rows ours_pkm --gpu-micro 256 --steps 2 \
