@@ -4,6 +4,7 @@ In one run, at 4k / 16k / 64k tokens and in fp32 and bf16 (autocast), the median
 forward + backward + update of:
 
 * ours with the Triton kernels (``pkm/triton_kernels.py``) — the default on CUDA;
+* the same with the one-kernel selection (``fused_topk``; opt-in until these numbers decide);
 * ours with the torch-op path (``table.triton = optimizer.triton = False``);
 * XLM's ``HashingMemory`` (``pq_fast``, dense EmbeddingBag values, fused torch Adam) when its source
   is given with ``--xlm-src`` (a checkout of facebookresearch/XLM; not vendored);
@@ -29,6 +30,7 @@ from torch import nn
 
 from pkm import ProductKeyMemory, SparseAdam, SparseGrad, ValueTable
 from pkm import triton_kernels
+from pkm.memory import _select_torch
 from pkm.sparse_adam import _bump_row_steps
 from pkm.values import sort_lookups
 
@@ -60,10 +62,11 @@ def _autocast(dtype: torch.dtype):
     return torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
 
 
-def ours_step_fn(args, x, grad_out, dtype, use_triton: bool):
+def ours_step_fn(args, x, grad_out, dtype, use_triton: bool, fused_topk: bool = False):
     mem = ProductKeyMemory(args.dim, args.dim, n_keys=args.n_keys, heads=args.heads, knn=args.knn,
                            k_dim=args.k_dim).cuda()
     mem.values.triton = use_triton
+    mem.fused_topk = fused_topk
     dense = [p for p in mem.parameters() if p.requires_grad]
     dense_opt = torch.optim.AdamW(dense, lr=1e-4, fused=True)
     value_opt = SparseAdam([mem.values], lr=1e-3)
@@ -129,8 +132,8 @@ def bench_layers(args) -> list[dict]:
     rows = []
     print(f"\n== layer fwd+bwd+update, d={args.dim}, N={args.n_keys}^2, H={args.heads}, k={args.knn}, "
           f"k_dim={args.k_dim}; median of {args.iters} (ms) ==")
-    print("| tokens | dtype | ours (Triton) | ours (torch ops) | XLM | FFN | ours / XLM |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| tokens | dtype | ours (Triton) | ours (Triton + fused top-k) | ours (torch ops) | XLM | FFN | ours / XLM |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for tokens in args.token_counts:
         for dtype in (torch.float32, torch.bfloat16):
             torch.manual_seed(0)
@@ -139,6 +142,7 @@ def bench_layers(args) -> list[dict]:
             res = {"tokens": tokens, "dtype": str(dtype).replace("torch.", "")}
             makers = {
                 "ours_triton": lambda: ours_step_fn(args, x, grad_out, dtype, True),
+                "ours_fused_topk": lambda: ours_step_fn(args, x, grad_out, dtype, True, fused_topk=True),
                 "ours_torch": lambda: ours_step_fn(args, x, grad_out, dtype, False),
                 "ffn": lambda: ffn_step_fn(args, x, grad_out, dtype),
             }
@@ -149,12 +153,16 @@ def bench_layers(args) -> list[dict]:
                     res[name] = cuda_ms(make(), args.iters)
                 except torch.OutOfMemoryError:
                     res[name] = None
+                except Exception as e:  # e.g. a kernel the installed Triton cannot compile: report, go on
+                    print(f"# {name} at {tokens} tokens, {res['dtype']}: failed: {type(e).__name__}: {e}", flush=True)
+                    res[name] = None
                 torch.cuda.empty_cache()
             rows.append(res)
             fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
             ratio = (f"{res['ours_triton'] / res['xlm']:.2f}"
                      if res.get("xlm") and res.get("ours_triton") else "-")
-            print(f"| {tokens} | {res['dtype']} | {fmt(res['ours_triton'])} | {fmt(res['ours_torch'])} | "
+            print(f"| {tokens} | {res['dtype']} | {fmt(res['ours_triton'])} | {fmt(res.get('ours_fused_topk'))} | "
+                  f"{fmt(res['ours_torch'])} | "
                   f"{fmt(res.get('xlm'))} | {fmt(res['ffn'])} | {ratio} |", flush=True)
     return rows
 
@@ -178,6 +186,7 @@ def bench_kernels(args, bandwidth: float) -> list[dict]:
     grad_vals = torch.randn(uniq, d, device="cuda")
     opt = SparseAdam([mem.values], lr=1e-3)
     row_counts = torch.zeros(table.shape[0], device="cuda")
+    sub = torch.randn(2 * args.heads, tokens, args.n_keys, device="cuda", dtype=torch.bfloat16)  # sub-key scores
 
     def adam():
         mem.values.sparse_grad = SparseGrad(order.rows, grad_vals)
@@ -194,6 +203,10 @@ def bench_kernels(args, bandwidth: float) -> list[dict]:
         "segment plan alone (sized by host bounds, no sync)": (
             lambda: triton_kernels.plan_segments(order.rows, offsets, lookups, 64), None),
         "sort_lookups (torch)": (lambda: sort_lookups(idx), None),
+        # the selection from the sub-key scores: one kernel, and the torch ops it replaces
+        "product_topk (one kernel)": (lambda: triton_kernels.product_topk(sub, args.knn), sub.numel() * act),
+        "selection as torch ops (topk, candidates, topk)": (
+            lambda: _select_torch(sub.view(args.heads, 2, tokens, args.n_keys), args.knn), sub.numel() * act),
         "sparse_adam (step: counts, corrections and update in one kernel)": (
             adam, uniq * (7 * d * f32 + i64 + 2 * f32)),
         # what that kernel absorbed: the per-row counts and corrections as the torch path's ops

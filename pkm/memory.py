@@ -9,12 +9,18 @@ Speed (CPU, see BENCHMARKS.md): the selection runs without autograd; of the k x 
 the ~k ln k pairs that can reach the top-k are scored; the k chosen scores are recomputed as
 differentiable gather-dots with the picked sub-keys, so no dense [H*2, T, n] score gradient is built;
 the value lookup is a fused weighted bag with a row-sparse gradient (pkm/values.py).
+
+GPU: the value path and the sub-key dots run Triton kernels (pkm/triton_kernels.py). The selection
+(two top-k, the candidate sums, a third top-k) can run as one Triton kernel too
+(``triton_kernels.product_topk``); it is off until measured on a GPU: ``PKM_FUSED_TOPK=1`` or a
+memory's ``fused_topk = True`` turns it on (see ``fused_topk_enabled``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -22,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkm.memory_config import MemoryConfig
-from pkm.values import ValueTable, dense_row_grad, weighted_bag, weighted_bag_weights_grad
+from pkm.values import ValueTable, dense_row_grad, triton_enabled, weighted_bag, weighted_bag_weights_grad
 
-__all__ = ["MemoryOutput", "ProductKeyMemory", "QueryBatchNorm", "product_key_topk"]
+__all__ = ["MemoryOutput", "ProductKeyMemory", "QueryBatchNorm", "fused_topk_enabled", "product_key_topk"]
 
 
 class MemoryOutput(NamedTuple):
@@ -99,8 +105,21 @@ def _candidate_pairs(knn: int, device: torch.device) -> tuple[torch.Tensor, torc
     return pa, pb
 
 
+def fused_topk_enabled(tensor: torch.Tensor, flag: bool | None = None) -> bool:
+    """Whether the selection runs as one Triton kernel for ``tensor``.
+
+    ``flag`` is a memory's ``fused_topk`` attribute: ``None`` (default) = on for CUDA tensors only
+    when ``PKM_FUSED_TOPK=1`` (not yet the default: it has not been measured on a GPU); ``False`` =
+    never; ``True`` = always (on CPU tensors only under Triton's interpreter, as ``triton_enabled``).
+    """
+    if flag is None and os.environ.get("PKM_FUSED_TOPK", "0").strip() != "1":
+        return False
+    return triton_enabled(tensor, flag)
+
+
 def product_key_topk(
-    query: torch.Tensor, keys: torch.Tensor, knn: int, triton: bool | None = None
+    query: torch.Tensor, keys: torch.Tensor, knn: int, triton: bool | None = None,
+    fused_topk: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``knn`` product keys per token and head.
 
@@ -108,7 +127,8 @@ def product_key_topk(
     scores sorted descending, indices in [0, n^2) as ``i1 * n + i2``.
     The top-k of s1[a] + s2[b] always lies in top-k(s1) x top-k(s2) (and, with both sorted, among the
     pairs with (a + 1)(b + 1) <= k), so this equals scoring all n^2. ``triton`` selects the kernels of
-    the picked-score gather-dots as in ``pkm.values.triton_enabled``.
+    the picked-score gather-dots as in ``pkm.values.triton_enabled``; ``fused_topk`` the one-kernel
+    selection (``fused_topk_enabled``), which orders equal scores by the lower sub-key and slot.
     """
     t, h, k_dim = query.shape
     n = keys.shape[2]
@@ -120,18 +140,14 @@ def product_key_topk(
         # [H*2, T, n] score gradient is ever built.
         # one batched matmul for both halves of all heads: [H*2, T, half] x [H*2, half, n]
         sub = torch.bmm(q.detach(), keys.detach().reshape(h * 2, n, half).transpose(1, 2).to(q.dtype))
-        sub_scores, sub_idx = sub.topk(knn, dim=-1)  # [H*2, T, knn] each, sorted descending
+        if fused_topk_enabled(sub, fused_topk):
+            from pkm import triton_kernels
+
+            indices = triton_kernels.product_topk(sub, knn)  # [H, T, knn]
+            i1, i2 = indices // n, indices % n
+        else:
+            indices, i1, i2 = _select_torch(sub.view(h, 2, t, n), knn)
         del sub
-        sub_scores = sub_scores.view(h, 2, t, knn)
-        sub_idx = sub_idx.view(h, 2, t, knn)
-        pa, pb = _candidate_pairs(knn, query.device)  # [P] each, P ~ knn * ln(knn) (119 for k=32)
-        cand = sub_scores[:, 0][..., pa] + sub_scores[:, 1][..., pb]  # [H, T, P]
-        best = cand.topk(knn, dim=-1)[1]  # [H, T, knn] position in the pair list
-        del cand
-        a, b = pa[best], pb[best]  # [H, T, knn] rank in half-1 / half-2 top-k
-        i1 = sub_idx[:, 0].gather(-1, a)  # [H, T, knn] sub-key id in half 1
-        i2 = sub_idx[:, 1].gather(-1, b)  # [H, T, knn] sub-key id in half 2
-        indices = i1 * n + i2  # [H, T, knn]
         # rows of keys_flat picked per (token, sub-key set), token-major so that the query rows
         # are a plain view of `query`: [H, 2, T, knn] -> [T, H, 2, knn] -> [T*H*2, knn]
         set_offset = (torch.arange(h * 2, device=query.device) * n).view(1, h, 2, 1)
@@ -142,6 +158,20 @@ def product_key_topk(
     dots = dots.view(t, h, 2, knn)
     scores = dots[:, :, 0] + dots[:, :, 1]  # [T, H, knn], sorted descending up to rounding
     return scores, indices.transpose(0, 1)  # [T, H, knn]
+
+
+def _select_torch(sub: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selection as torch ops: sub [H, 2, T, n] -> (indices, i1, i2), each [H, T, knn]."""
+    n = sub.shape[-1]
+    sub_scores, sub_idx = sub.topk(knn, dim=-1)  # [H, 2, T, knn] each, sorted descending
+    pa, pb = _candidate_pairs(knn, sub.device)  # [P] each, P ~ knn * ln(knn) (119 for k=32)
+    cand = sub_scores[:, 0][..., pa] + sub_scores[:, 1][..., pb]  # [H, T, P]
+    best = cand.topk(knn, dim=-1)[1]  # [H, T, knn] position in the pair list
+    del cand
+    a, b = pa[best], pb[best]  # [H, T, knn] rank in half-1 / half-2 top-k
+    i1 = sub_idx[:, 0].gather(-1, a)  # [H, T, knn] sub-key id in half 1
+    i2 = sub_idx[:, 1].gather(-1, b)  # [H, T, knn] sub-key id in half 2
+    return i1 * n + i2, i1, i2
 
 
 class _PickedDots(torch.autograd.Function):
@@ -235,6 +265,8 @@ class ProductKeyMemory(nn.Module):
         if not external_values:
             self.values = ValueTable(self.size, output_dim, init=value_init)
         self._attached = _ExternalTable(None)
+        # the one-kernel selection on GPUs: None = PKM_FUSED_TOPK decides (see fused_topk_enabled)
+        self.fused_topk: bool | None = None
         self.reset_keys()
 
     @classmethod
@@ -335,7 +367,8 @@ class ProductKeyMemory(nn.Module):
         # table, whose sharded version needs every rank in its collectives.
         q = self.query(tokens)  # [T, H, k_dim]
         # one kernel switch per memory: the value table's (see pkm.values.triton_enabled)
-        scores, indices = product_key_topk(q, self.keys, self.knn, self.value_table.triton)  # [T, H, knn]
+        scores, indices = product_key_topk(q, self.keys, self.knn, self.value_table.triton,
+                                           self.fused_topk)  # [T, H, knn]
         weights = F.softmax(scores.float(), dim=-1).to(q.dtype)  # [T, H, knn]
         t = indices.shape[0]
         out = self.value_table(

@@ -21,6 +21,11 @@ passes *are* the cost. Here:
   output element has one writer and every sum is taken in the (stable) sorted order; no atomics.
 * ``gather_dots``: dw[t, k] = <x[t], V[idx[t, k]]>, token-major (the sub-key scores of
   ``pkm.memory``, where the table is small and cache resident, so grouping by row does not pay).
+* ``product_topk``: the memory's selection from the sub-key scores in one kernel per (token, head):
+  each half's top-k by one sort of (score, id) packed into int64 keys, the k x k candidate sums in
+  the scores' dtype over the pairs (a + 1)(b + 1) <= k, one sort of those; all in registers, where
+  the torch ops take two top-k, a gather, an add and a third top-k. Opt-in (``pkm.memory``'s
+  ``fused_topk``) until measured on a GPU.
 * ``sparse_adam_rows``: one pass per touched row: read weight, both moments and the gradient, write
   three back, with ``SparseAdam``'s torch-path arithmetic (lerp as ATen's fma form, addcmul rounded as
   ATen's kernel for that device rounds it, correctly rounded sqrt and division), so the moments are
@@ -62,6 +67,7 @@ __all__ = [
     "gather_dots",
     "row_grouped_backward",
     "sparse_adam_rows",
+    "product_topk",
 ]
 
 
@@ -226,6 +232,68 @@ if triton is not None:
             tl.store(m_ptr + r * m_stride + offs, m, mask=mask)
             tl.store(v_ptr + r * v_stride + offs, v, mask=mask)
             tl.store(w_ptr + r * w_stride + offs, w - upd, mask=mask)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sortable(x):
+        # fp32 -> int32 whose signed order is the float order (negative floats: magnitude bits flipped)
+        bits = x.to(tl.int32, bitcast=True)
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _unsortable(key):
+        # inverse of _sortable (the transform is an involution)
+        return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _low_word(key):
+        # the low 32 bits of an int64 key, by int64 arithmetic only (no unsigned literals)
+        return key - ((key >> 32) << 32)
+
+    @triton.jit
+    def _top_sub_keys(sub_ptr, n, N_P: tl.constexpr, K_P: tl.constexpr):
+        # the K_P best of n scores, descending: (scores [K_P] fp32, sub-key ids [K_P] int64); ties go
+        # to the lower id. Each score is packed with its id into one int64 key, so one sort orders
+        # both; the first K_P of the sorted keys are picked by a masked sum over [N_P / K_P, K_P].
+        cols = tl.arange(0, N_P)
+        x = tl.load(sub_ptr + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
+        key = (_sortable(x).to(tl.int64) << 32) | (N_P - 1 - cols).to(tl.int64)
+        key = tl.sort(key, descending=True)
+        chunks = tl.reshape(key, [N_P // K_P, K_P])
+        top = tl.sum(tl.where(tl.arange(0, N_P // K_P)[:, None] == 0, chunks, 0), axis=0)  # [K_P]
+        return _unsortable((top >> 32).to(tl.int32)), (N_P - 1) - _low_word(top)
+
+    @triton.jit
+    def _product_topk_kernel(
+        sub_ptr, out_ptr, n, knn, last_slot, set_stride, t_stride, n_tokens,
+        N_P: tl.constexpr, K_P: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr,
+    ):
+        # program (t, h): the knn best slots i1 * n + i2 of head h for token t, from the sub-key
+        # scores of its two halves (sets 2h, 2h + 1), as pkm.memory.product_key_topk's torch path:
+        # top-knn of each half, then the best knn of the candidate sums s1[a] + s2[b] over the pairs
+        # with (a + 1)(b + 1) <= knn (the only ones that can make the top knn), summed in the
+        # scores' dtype. One sort per half and one over the knn x knn candidates, all in registers.
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        v1, c1 = _top_sub_keys(sub_ptr + (2 * h) * set_stride + t * t_stride, n, N_P, K_P)
+        v2, c2 = _top_sub_keys(sub_ptr + (2 * h + 1) * set_stride + t * t_stride, n, N_P, K_P)
+        cand = v1[:, None] + v2[None, :]  # [K_P, K_P]
+        if ROUND_BF16:
+            cand = cand.to(tl.bfloat16).to(tl.float32)
+        if ROUND_FP16:
+            cand = cand.to(tl.float16).to(tl.float32)
+        ranks = tl.arange(0, K_P)
+        pair_ok = (ranks[:, None] + 1) * (ranks[None, :] + 1) <= knn
+        slot = c1[:, None] * n + c2[None, :]  # [K_P, K_P] int64, <= last_slot = n^2 - 1 < 2^32
+        key = (_sortable(cand).to(tl.int64) << 32) | (last_slot - slot)  # ties: the lower slot first
+        key = tl.where(pair_ok, key, -9223372036854775807)
+        key = tl.sort(tl.reshape(key, [K_P * K_P]), descending=True)
+        chunks = tl.reshape(key, [K_P, K_P])
+        best = tl.sum(tl.where(ranks[:, None] == 0, chunks, 0), axis=0)  # [K_P]
+        slots = last_slot - _low_word(best)
+        tl.store(out_ptr + (h * n_tokens + t) * knn + ranks, slots, mask=ranks < knn)
 
 
 def _check_table(table: torch.Tensor) -> None:
@@ -437,3 +505,30 @@ def sparse_adam_rows(
         HAS_WD=lr_wd != 0.0, CUDA_ADDCMUL=weight.device.type == "cuda", BLOCK_D=block_d,
         num_warps=4 if block_d >= 512 else 2,
     )
+
+
+def product_topk(sub: torch.Tensor, knn: int) -> torch.Tensor:
+    """The product-key selection from sub-key scores sub [H*2, T, n] (sets 2h, 2h + 1 are head h's
+    halves) -> indices [H, T, knn] int64 = i1 * n + i2, best candidate first.
+
+    The same selection as ``pkm.memory.product_key_topk``'s torch ops (top-knn per half, candidate
+    sums in the scores' dtype over the pairs (a + 1)(b + 1) <= knn, top-knn of those), in one kernel
+    instead of two top-k, a gather, an add and a third top-k. Equal scores are ordered by the lower
+    sub-key, then the lower slot (torch.topk leaves the order of ties unspecified).
+    """
+    sets, t, n = sub.shape
+    if sets % 2:
+        raise ValueError(f"sub-key scores need two sets per head, got {sets} sets.")
+    if not 0 < knn <= n or n * n > 2**32:
+        raise ValueError(f"product top-k needs 0 < knn <= n and n^2 <= 2^32, got knn={knn}, n={n}.")
+    out = torch.empty(sets // 2, t, knn, dtype=torch.int64, device=sub.device)
+    if t == 0:
+        return out
+    sub = sub.contiguous()
+    n_p, k_p = triton.next_power_of_2(n), triton.next_power_of_2(knn)
+    _product_topk_kernel[(t, sets // 2)](
+        sub, out, n, knn, n * n - 1, sub.stride(0), sub.stride(1), t,
+        N_P=n_p, K_P=k_p, ROUND_BF16=sub.dtype == torch.bfloat16, ROUND_FP16=sub.dtype == torch.float16,
+        num_warps=4 if n_p * k_p >= 4096 else 2,
+    )
+    return out

@@ -89,3 +89,25 @@ def test_memory_layer_bf16_matches_torch_path():
         results[flag] = (out.float(), x.grad, mem.keys.grad, mem.values.sparse_grad.values)
     for a, b in zip(results[True], results[False]):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_product_topk_kernel_at_bert_large_shape(dtype):
+    """The one-kernel selection (4 heads, n = 512, top-32) against the torch ops: the same slots in
+    fp32; in bf16 (ties) the same candidate scores, best first."""
+    from pkm import triton_kernels
+    from pkm.memory import _select_torch
+
+    n, knn, heads = 512, 32, 4
+    g = torch.Generator(device="cuda").manual_seed(3)
+    sub = torch.randn(2 * heads, TOKENS, n, device="cuda", generator=g).to(dtype)
+    got = triton_kernels.product_topk(sub, knn)
+    ref, _, _ = _select_torch(sub.view(heads, 2, TOKENS, n), knn)
+    if dtype == torch.float32:
+        assert torch.equal(got, ref)
+    halves = sub.view(heads, 2, TOKENS, n)
+
+    def scores(slots):
+        return (halves[:, 0].gather(-1, slots // n) + halves[:, 1].gather(-1, slots % n)).float()
+
+    assert torch.equal(scores(got), scores(ref))

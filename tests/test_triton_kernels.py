@@ -350,6 +350,83 @@ def test_sparse_adam_kernel_counts_past_its_correction_table_and_after_a_load(mo
     assert_same()
 
 
+def _sub_scores(heads: int, tokens: int, n: int, dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(heads * 2, tokens, n, generator=g).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("n, knn", [(16, 8), (20, 4), (12, 5), (8, 8)])  # odd n, odd knn, knn = n
+def test_product_topk_kernel_is_the_torch_selection(n, knn):
+    """fp32 scores (no ties): the one-kernel selection picks the same slots in the same order."""
+    from pkm.memory import _select_torch
+
+    sub = _sub_scores(3, 7, n, torch.float32)
+    got = triton_kernels.product_topk(sub, knn)
+    ref, _, _ = _select_torch(sub.view(3, 2, 7, n), knn)
+    assert got.dtype == torch.int64 and got.shape == (3, 7, knn)
+    assert torch.equal(got, ref)
+
+
+def test_product_topk_kernel_with_ties_in_bf16():
+    """bf16 scores tie often: the kernel's slots may differ from torch.topk's among equals, but they
+    are distinct, their candidate scores (summed in bf16, as the torch path sums) are the torch
+    path's, best first, and equal scores are ordered by the lower slot."""
+    from pkm.memory import _select_torch
+
+    n, knn = 32, 8
+    sub = (_sub_scores(2, 9, n, torch.float32) * 2).round().div(2).to(torch.bfloat16)  # many equal scores
+    got = triton_kernels.product_topk(sub, knn)
+    ref, _, _ = _select_torch(sub.view(2, 2, 9, n), knn)
+    halves = sub.view(2, 2, 9, n)
+
+    def scores(slots):
+        s1 = halves[:, 0].gather(-1, slots // n)
+        s2 = halves[:, 1].gather(-1, slots % n)
+        return (s1 + s2).float()  # bf16 + bf16 rounds to bf16, as the selection does
+
+    got_scores, ref_scores = scores(got), scores(ref)
+    assert torch.equal(got_scores, ref_scores)  # the same candidate values, in the same (descending) order
+    assert (got_scores[..., :-1] >= got_scores[..., 1:]).all()
+    same = got_scores[..., :-1] == got_scores[..., 1:]
+    assert (got[..., :-1] < got[..., 1:])[same].all()  # ties: the lower slot first
+    assert all(len(set(row.tolist())) == knn for row in got.reshape(-1, knn))
+    assert same.any()  # the case has ties at all
+
+
+def test_product_topk_kernel_handles_zero_tokens_and_bad_shapes():
+    assert triton_kernels.product_topk(_sub_scores(2, 0, 8, torch.float32), 4).shape == (2, 0, 4)
+    with pytest.raises(ValueError, match="two sets per head"):
+        triton_kernels.product_topk(torch.zeros(3, 2, 8), 4)
+    with pytest.raises(ValueError, match="0 < knn <= n"):
+        triton_kernels.product_topk(torch.zeros(2, 2, 8), 9)
+
+
+def test_memory_with_fused_selection_matches_the_torch_selection(monkeypatch):
+    """The whole layer, fp32: output, indices and every gradient equal with the selection fused or
+    not; PKM_FUSED_TOPK=1 switches the default on for CUDA tensors only."""
+    from pkm.memory import fused_topk_enabled
+
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        mem = ProductKeyMemory(12, 10, n_keys=12, heads=2, knn=5, k_dim=8).to(DEVICE)
+        mem.fused_topk = fused
+        x = torch.randn(3, 4, 12, device=DEVICE, requires_grad=True)
+        out = mem(x, torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], device=DEVICE))
+        out.output.square().sum().backward()
+        results.append((out.output.detach(), out.indices, x.grad, mem.keys.grad, mem.query_proj.weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("PKM_FUSED_TOPK", raising=False)
+    assert not fused_topk_enabled(cpu) and fused_topk_enabled(cpu, True) and not fused_topk_enabled(cpu, False)
+    monkeypatch.setenv("PKM_FUSED_TOPK", "1")
+    assert not fused_topk_enabled(cpu)  # automatic: CUDA tensors only
+    if torch.cuda.is_available():
+        assert fused_topk_enabled(torch.zeros(1, device="cuda"))
+
+
 def test_triton_switch(monkeypatch):
     """Selection: automatic only for CUDA tensors, PKM_TRITON=0 turns the automatic choice off,
     an explicit attribute wins, and forcing kernels on CPU without the interpreter is an error."""
