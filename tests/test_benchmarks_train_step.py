@@ -139,3 +139,44 @@ def test_gpu_script_command_lines_parse(tmp_path):
     assert "PARSED cuda bf16 ['large'] [64, 256] ['hf', 'ours', 'ours_pkm'] False" in logs["large"]
     assert "PARSED cuda bf16 ['large'] [256] ['ours_pkm'] False" in logs["profile"]
     assert "['ours', 'ours_pkm']" in logs["large_zero2_default"] and "True" in logs["large_compile"]
+
+
+def test_gpu_session_script_command_lines_parse(tmp_path):
+    """benchmarks/gpu_session.sh, the one script a lent GPU runs, with a stand-in python3 on PATH that
+    parses each training-step command line (and runs the inline helpers): every stage's flags are
+    valid, the A/B config is written as the ZeRO-2 form of the one-GPU config, and results are packed."""
+    import tarfile
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "benchmarks/train_step.py" ]; then shift; exec ' + sys.executable + ' -c "import sys; '
+        "from benchmarks.train_step import parse_args; a = parse_args(sys.argv[1:]); "
+        "print('PARSED', a.models, a.micro, a.rows, a.compile, a.ds_config, a.warmup)\" \"$@\"; fi\n"
+        'if [ "$1" = "-c" ]; then exec ' + sys.executable + ' "$@"; fi\n'
+        "exit 0\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": REPO}
+    p = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with tarfile.open(out / "gpu_results.tgz") as tar:
+        tar.extractall(tmp_path / "results", filter="data")
+    train = tmp_path / "results" / "train"
+    logs = {name: (train / f"{name}.log").read_text()
+            for name in ("large", "large_zero2_form", "large_compiled", "base", "profile")}
+    one_gpu = "ds_configs/h200_bert_large_bf16.json"
+    assert f"PARSED ['large'] [64, 256] ['hf', 'ours', 'ours_pkm'] False {one_gpu} 3" in logs["large"]
+    assert "['ours', 'ours_pkm'] False" in logs["large_zero2_form"] and "zero2_form.json" in logs["large_zero2_form"]
+    assert f"PARSED ['large'] [256] ['hf', 'ours', 'ours_pkm'] True {one_gpu} 5" in logs["large_compiled"]
+    assert f"PARSED ['base'] [64, 256] ['hf', 'ours', 'ours_pkm'] False {one_gpu} 3" in logs["base"]
+    assert f"PARSED ['large'] [256] ['ours_pkm'] False {one_gpu} 2" in logs["profile"]
+    with open(train / "zero2_form.json") as f:
+        zero2 = json.load(f)
+    with open(os.path.join(REPO, one_gpu)) as f:
+        expected = json.load(f)
+    expected["zero_optimization"].update(stage=2, contiguous_gradients=True)
+    assert zero2 == expected
