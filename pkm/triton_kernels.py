@@ -348,7 +348,7 @@ class Segments(NamedTuple):
     split slots past the real count have no partials.
     """
 
-    row: torch.Tensor  # [C] table row of each segment (C = num_rows + max_partials)
+    row: torch.Tensor  # [C] table row of each segment (C = min(U, L) + max_partials)
     start: torch.Tensor  # [C] first sorted lookup
     end: torch.Tensor  # [C] one past the last; == start for the padding segments
     dest: torch.Tensor  # [C] output-buffer row: the row's slot u, or num_rows + p for a partial
