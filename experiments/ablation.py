@@ -29,7 +29,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from experiments.demo import REPO_ROOT, command_main, run_stages, stage_prep, stage_tasks
+from experiments.demo import REPO_ROOT, add_stage_runner_flags, command_main, run_stages, stage_prep, stage_tasks
 
 DEFAULT_STUDY = os.path.join(REPO_ROOT, "configs", "ablation_minilm_cpu.json")
 # Finetuning settings for real GLUE / SQuAD folders (the BERT paper's recipe, one learning rate).
@@ -187,11 +187,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--glue-tasks", default="rte,mrpc,stsb,cola,sst2", help="GLUE tasks with --glue-data (default: rte,mrpc,stsb,cola,sst2)")
     p.add_argument("--squad-data", default="", help="folder with the official SQuAD JSON files: finetune on --squad-task too")
     p.add_argument("--squad-task", default="squad", help="squad (v1.1) or squad_v2, with --squad-data")
-    p.add_argument("--quick", action="store_true",
-                   help="the test-suite form: few steps, a small memory, trimmed tasks, one finetuning epoch")
-    p.add_argument("--max-articles", type=int, default=0, help="use only the first N articles (0: all)")
-    p.add_argument("--fresh", action="store_true", help="delete the output folder first")
-    p.add_argument("--verbose", action="store_true", help="show the pretraining ranks' output instead of log files")
+    add_stage_runner_flags(
+        p, quick_help="the test-suite form: few steps, a small memory, trimmed tasks, one finetuning epoch",
+        verbose_help="show the pretraining ranks' output instead of log files")
     args = p.parse_args(argv)
     if (args.steps is not None and args.steps < 1) or args.procs < 0:
         p.error("--steps must be at least 1 and --procs at least 0 (0: the study's)")

@@ -335,6 +335,14 @@ def command_main(args: argparse.Namespace, run: Callable[[argparse.Namespace], o
     return 0
 
 
+def add_stage_runner_flags(p: argparse.ArgumentParser, quick_help: str, verbose_help: str) -> None:
+    """The flags every stage command shares (read by ``command_main`` and the stage runner)."""
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--max-articles", type=int, default=0, help="use only the first N articles (0: all)")
+    p.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    p.add_argument("--verbose", action="store_true", help=verbose_help)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="./run.sh demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -342,11 +350,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "demo_out"), help="output folder (default: demo_out/)")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps (default: 300)")
     p.add_argument("--procs", type=int, default=2, help="CPU ranks for pretraining (default: 2)")
-    p.add_argument("--quick", action="store_true",
-                   help="the test-suite form: small memory, short sequences, trimmed tasks, one finetuning epoch")
-    p.add_argument("--max-articles", type=int, default=0, help="use only the first N articles (0: all)")
-    p.add_argument("--fresh", action="store_true", help="delete the output folder first")
-    p.add_argument("--verbose", action="store_true", help="show the pretraining ranks' output instead of a log file")
+    add_stage_runner_flags(
+        p, quick_help="the test-suite form: small memory, short sequences, trimmed tasks, one finetuning epoch",
+        verbose_help="show the pretraining ranks' output instead of a log file")
     args = p.parse_args(argv)
     if args.steps < 1 or args.procs < 1:
         p.error("--steps and --procs must be at least 1")
