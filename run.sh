@@ -17,7 +17,7 @@ usage: ./run.sh <command> [args...]
   ablation   Kim & Jung's ablation: {replace, residual} x {scratch, init} + baseline -> one table  (--help)
   test       run the test suite (pytest; extra args go to pytest)
   prep       data prep: python -m data_prep ...            (./run.sh prep --help)
-  pretrain   deepspeed --module pretrain.main ...       (./run.sh pretrain --help)
+  pretrain   deepspeed pretrain/main.py ...             (./run.sh pretrain --help)
   convert    checkpoint -> Hugging Face folder             (./run.sh convert --help)
   finetune   one GLUE / SQuAD finetuning run               (./run.sh finetune --help)
   sweep      a grid of finetuning runs -> results table    (./run.sh sweep --help)
@@ -116,7 +116,7 @@ main() {
       if need_help "$@"; then exec "$PY" -m pretrain.main --help; fi
       # PKM_LAUNCHER_ARGS passes launcher options through (e.g. "--hostfile hosts --num_nodes 2").
       # shellcheck disable=SC2086
-      run_launcher "$VENV/bin/deepspeed" ${PKM_LAUNCHER_ARGS:---num_gpus ${PKM_NUM_PROCS:-1}} --module pretrain.main "$@" ;;
+      run_launcher "$VENV/bin/deepspeed" ${PKM_LAUNCHER_ARGS:---num_gpus ${PKM_NUM_PROCS:-1}} pretrain/main.py "$@" ;;
     convert)  cmd_setup; exec "$PY" -m pretrain.convert "$@" ;;
     finetune) cmd_setup; exec "$PY" -m finetune "$@" ;;
     sweep)    cmd_setup; exec "$PY" -m finetune.sweep "$@" ;;

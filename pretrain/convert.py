@@ -21,8 +21,15 @@ import os
 import sys
 import torch
 
-if __package__ in (None, ""):  # run as a file, `pretrain` would not be importable
-    sys.exit("error: run the conversion as a module: python -m pretrain.convert CKPT OUT")
+if __name__ == "__main__":  # `python pretrain/convert.py ...` or `python -m pretrain.convert ...`
+    try:
+        from pretrain.entry import run_installed_module
+    except ModuleNotFoundError as missing:
+        if missing.name != "pretrain":
+            raise
+        sys.exit("error: the pretrain package is not installed in this Python: run ./run.sh setup "
+                 "(or pip install -e . in the repository) first")
+    run_installed_module("pretrain.convert", __file__)  # runs pretrain.convert.main() and exits
 
 from pretrain.checkpoint import (  # noqa: E402
     DS_TAG,
@@ -124,6 +131,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,10 @@
 """Pretraining entry point (DeepSpeed launcher or a single process).
 
-    deepspeed --num_gpus N --module pretrain.main --deepspeed_config ds_configs/zero2_bf16.json \\
+    deepspeed --num_gpus N pretrain/main.py --deepspeed_config ds_configs/zero2_bf16.json \\
         --config configs/bert-base.json [--train.max_steps=1000 --optim.lr=1e-4 ...] [--resume]
-    python -m pretrain.main --deepspeed_config ds_configs/tiny_zero2_fp32.json --config configs/tiny.json
+    python pretrain/main.py --deepspeed_config ds_configs/tiny_zero2_fp32.json --config configs/tiny.json
+
+(``--module pretrain.main`` / ``python -m pretrain.main`` are the same: see pretrain/entry.py.)
 
 Arguments:
     --config PATH            run config (JSON, or YAML with pyyaml): model / data / optim / train
@@ -35,8 +37,15 @@ from typing import Any
 # bits. Set before torch is imported; an explicit MKL_DYNAMIC in the environment wins.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-if __package__ in (None, ""):  # run as a file, `pretrain` would not be importable
-    sys.exit("error: run pretraining as a module: python -m pretrain.main ... or deepspeed --module pretrain.main ...")
+if __name__ == "__main__":  # `python pretrain/main.py`, `deepspeed pretrain/main.py`, `python -m pretrain.main`
+    try:
+        from pretrain.entry import run_installed_module
+    except ModuleNotFoundError as missing:
+        if missing.name != "pretrain":
+            raise
+        sys.exit("error: the pretrain package is not installed in this Python: run ./run.sh setup "
+                 "(or pip install -e . in the repository) first")
+    run_installed_module("pretrain.main", __file__)  # runs pretrain.main.main() and exits: see pretrain/entry.py
 
 from pkm.memory_config import MemoryConfig  # noqa: E402
 from pretrain.config import (  # noqa: E402
@@ -667,6 +676,3 @@ def launch(config: str | RunConfig | dict[str, Any], ds_config: str, num_procs: 
         raise RuntimeError(f"pretraining exited with code {rc}" + (f"; see {log_file}" if log_file else ""))
     return rc
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -105,12 +105,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_command(cfg: dict, ds_config: str, nproc: int, port: int, extra: list[str] | None) -> list[str]:
+# The entry as the project's card writes it (the launcher then runs `python -u pretrain/main.py`);
+# pretrain.main.launch, the demo's API, runs the `--module pretrain.main` form (test_zero2_bf16_...).
+CARD_ENTRY = ("pretrain/main.py",)
+
+
+def _launch_command(cfg: dict, ds_config: str, nproc: int, port: int, extra: list[str] | None,
+                    entry: tuple[str, ...] = CARD_ENTRY) -> list[str]:
     os.makedirs(cfg["train"]["out_dir"], exist_ok=True)
     cfg_path = os.path.join(cfg["train"]["out_dir"], "..", os.path.basename(cfg["train"]["out_dir"]) + "_cfg.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), "--module", "pretrain.main",
+    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), *entry,
             "--deepspeed_config", os.path.join(REPO, "ds_configs", ds_config), "--config", cfg_path, *(extra or [])]
 
 
@@ -122,11 +128,11 @@ def _assert_no_shared_memory_left(port: int) -> None:
 
 
 def launch(cfg: dict, ds_config: str, nproc: int, extra: list[str] | None = None,
-           timeout: int = 300) -> tuple[int, str]:
+           timeout: int = 300, entry: tuple[str, ...] = CARD_ENTRY) -> tuple[int, str]:
     """Run pretrain.main under the deepspeed launcher; returns (exit code, combined output).
     Every launch also checks that the run left nothing in /dev/shm."""
     port = _free_port()
-    cmd = _launch_command(cfg, ds_config, nproc, port, extra)
+    cmd = _launch_command(cfg, ds_config, nproc, port, extra, entry)
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **RANK_ENV})
     _assert_no_shared_memory_left(port)
     return p.returncode, p.stdout + p.stderr
@@ -506,21 +512,62 @@ def test_help_lists_the_memory_keys(capsys):
     assert '"n_keys": 512' in out and '"value_init": "normal"' in out and "N = n_keys^2" in out
 
 
-@pytest.mark.parametrize("script, module", [("pretrain/main.py", "pretrain.main"), ("pretrain/convert.py", "pretrain.convert")])
-def test_entry_run_as_a_file_says_to_use_the_module(script, module):
-    p = subprocess.run([PY, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0
-    assert f"python -m {module}" in p.stderr
+@pytest.mark.parametrize("module", ["pretrain.main", "pretrain.convert"])
+@pytest.mark.parametrize("as_file", [True, False])  # `python pretrain/main.py` / `python -m pretrain.main`
+def test_entry_hands_over_to_the_installed_module(module, as_file, monkeypatch, capsys):
+    """Run as a file or with -m, the entry module arrives as ``__main__``: it must run the one
+    installed copy (``pretrain.main``), defining nothing itself, and take its own folder off
+    sys.path (pretrain/config.py, data.py, evaluate.py would shadow top-level packages)."""
+    path = os.path.join(REPO, *module.split(".")) + ".py"
+    namespace = {"__name__": "__main__", "__file__": path, "__package__": None if as_file else "pretrain"}
+    monkeypatch.setattr(sys, "argv", [path, "--help"])
+    monkeypatch.setattr(sys, "path", [os.path.dirname(path)] + sys.path if as_file else list(sys.path))
+    with open(path) as f:
+        code = compile(f.read(), path, "exec")
+    with pytest.raises(SystemExit) as done:
+        exec(code, namespace)
+    assert done.value.code == 0
+    help_text = {"pretrain.main": "--deepspeed_config PATH", "pretrain.convert": "usage: python -m pretrain.convert"}
+    assert help_text[module] in capsys.readouterr().out  # the installed module's main() ran (its --help)
+    assert "main" not in namespace  # ... and __main__ is no second copy of it
+    assert os.path.dirname(path) not in sys.path
+
+
+def test_entry_says_what_to_do_without_the_installed_package(tmp_path):
+    """Without the project installed (-S: no site-packages, so no editable install) the file form
+    says how to install it; a copy of the entry from another checkout is refused, not swapped for
+    the installed one."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([PY, "-S", "pretrain/main.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert p.returncode != 0 and "./run.sh setup" in p.stderr
+    other = tmp_path / "other_checkout" / "pretrain"
+    other.mkdir(parents=True)
+    for name in ("main.py", "entry.py", "__init__.py"):
+        with open(os.path.join(REPO, "pretrain", name)) as src, open(other / name, "w") as dst:
+            dst.write(src.read())
+    p = subprocess.run([PY, str(other / "main.py"), "--help"], cwd=str(tmp_path), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and "is not the installed pretrain.main" in p.stderr
+
+
+def test_card_entry_on_one_rank_under_the_launcher(shards, tmp_path):
+    """`deepspeed --num_gpus 1 pretrain/main.py ...`: the card's form trains on one rank too."""
+    out = str(tmp_path / "one")
+    rc, log = launch(run_config(shards, out, max_steps=3, ckpt_every=0), "tiny_zero2_fp32.json", 1)
+    assert rc == 0, log[-3000:]
+    assert sorted(train_losses(out)) == [1, 2, 3]
 
 
 def test_sigterm_saves_and_exits_cleanly(shards, tmp_path):
-    """Single process (`python -m pretrain.main`): SIGTERM -> checkpoint at the next step, exit 0."""
+    """Single process, the file form (`python pretrain/main.py`): SIGTERM -> checkpoint at the next
+    step, exit 0."""
     out = str(tmp_path / "sig")
     cfg = run_config(shards, out, max_steps=10_000, ckpt_every=0)
     cfg_path = str(tmp_path / "sig.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    proc = subprocess.Popen([PY, "-m", "pretrain.main", "--deepspeed_config", "ds_configs/tiny_zero1_fp32.json",
+    proc = subprocess.Popen([PY, "pretrain/main.py", "--deepspeed_config", "ds_configs/tiny_zero1_fp32.json",
                              "--config", cfg_path], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_until_training(proc, out, timeout=180)
     proc.send_signal(signal.SIGTERM)
