@@ -128,6 +128,42 @@ def check_shards(shard_dir: str | Path, splits: Sequence[str], vocab_size: int, 
         _write_verified_cache(shard_dir, cache)
 
 
+def check_shards_once(shard_dir: str | Path, splits: Sequence[str], vocab_size: int,
+                      verify_checksums: bool = False) -> None:
+    """``check_shards`` for a multi-rank run: one rank per view of the shard folder scans, the others
+    wait for its verdict, so a corpus on shared storage is read (and hashed) once, not once per rank.
+
+    Collective once a process group is up (every rank calls it; otherwise it is ``check_shards``).
+    When every rank sees a file that rank 0 writes in ``shard_dir`` (``folder_is_shared``: one folder
+    on shared storage), rank 0 scans; otherwise (node-local copies, or a folder rank 0 cannot write
+    in) the lowest rank of each host scans that host's copy. The verdict travels to every rank
+    (``first_failure``: each rank raises the first scanner's error), so it holds for a read-only
+    folder too; the scanner's ``shards_verified.json`` cache keeps the next start cheap. The other
+    ranks wait inside the process group's timeout."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        check_shards(shard_dir, splits, vocab_size, verify_checksums=verify_checksums)
+        return
+    from pretrain.shared_storage import all_hosts, first_failure, folder_is_shared
+
+    rank = dist.get_rank()
+    if folder_is_shared(str(shard_dir)):
+        scanner = rank == 0
+    else:
+        hosts = all_hosts()
+        scanner = hosts.index(socket.gethostname()) == rank  # the lowest rank on this host
+    error = None
+    if scanner:
+        try:
+            check_shards(shard_dir, splits, vocab_size, verify_checksums=verify_checksums)
+        except ValueError as e:
+            error = str(e)
+    first_failure(error)
+
+
 class ShardedTokens:
     """The shards of one split as one virtual token array (documents in order)."""
 
