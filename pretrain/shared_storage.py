@@ -38,6 +38,7 @@ __all__ = [
     "first_failure",
     "check_folder_shared",
     "folder_is_shared",
+    "shared_folder_problems",
     "agree_on_resume",
     "check_every_rank_wrote",
     "check_out_dir_on_a_volume",
@@ -226,6 +227,14 @@ def check_folder_shared(folder: str, what: str = "train.out_dir") -> None:
                             "part of each checkpoint there and rank 0 completes it): put it on a file system "
                             "that every node mounts at the same path (with the Docker image: under the "
                             f"{CHECKPOINT_VOLUME} volume, on shared storage). Found: ")
+
+
+def shared_folder_problems(folder: str) -> list[str | None]:
+    """Collective, also at world size 1 (then: can rank 0 write there): ``check_folder_shared``'s
+    findings per rank (None: fine) instead of an exception, for the self-test's table."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [None]
+    return _probe(folder, two_way=True, create=True)
 
 
 def folder_is_shared(folder: str) -> bool:
