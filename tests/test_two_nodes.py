@@ -40,7 +40,7 @@ def _write_config(tmp_path, cfg: dict, name: str) -> str:
 
 def start_nodes(config_path: str, port: int, logs: str, per_node: list[list[str]] | None = None,
                 extra: list[str] | None = None) -> list[subprocess.Popen]:
-    """Both nodes' launchers, each in its own session (a node's process tree, killable as one)."""
+    """Both nodes' launchers (torchrun, one rank each)."""
     procs = []
     for node in (0, 1):
         cmd = [TORCHRUN, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
@@ -48,10 +48,42 @@ def start_nodes(config_path: str, port: int, logs: str, per_node: list[list[str]
                "-m", "pretrain.main", "--deepspeed_config", DS_CONFIG, "--config", config_path,
                *(extra or []), *((per_node or [[], []])[node])]
         log = open(f"{logs}_node{node}.log", "w")
-        procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                       env={**os.environ, **ENV}))
         log.close()
     return procs
+
+
+def _process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc: torchrun starts each rank in a session of its own,
+    so killing the launcher's process group would leave the ranks running)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def kill_nodes(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL both nodes' launchers and ranks at once, like lost machines: no handler runs."""
+    victims = [pid for p in procs for pid in _process_tree(p.pid)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        p.wait()
 
 
 def wait_nodes(procs: list[subprocess.Popen], logs: str, timeout: float = 240) -> tuple[list[int], str]:
@@ -59,10 +91,8 @@ def wait_nodes(procs: list[subprocess.Popen], logs: str, timeout: float = 240) -
     try:
         codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        if any(p.poll() is None for p in procs):
+            kill_nodes(procs)
     text = ""
     for node in (0, 1):
         with open(f"{logs}_node{node}.log") as f:
@@ -91,11 +121,10 @@ def test_shared_out_dir_trains_is_killed_and_resumes_exactly(shards, tmp_path):
             assert time.monotonic() < deadline, "no step-4 checkpoint in time"
             time.sleep(0.02)
     finally:
-        for p in procs:  # both nodes lost at once: launchers and ranks, no signal handler runs
-            os.killpg(p.pid, signal.SIGKILL)
-        for p in procs:
-            p.wait()
-    assert max(train_losses(killed_out)) < steps  # killed before the end
+        kill_nodes(procs)  # both nodes lost at once
+    time.sleep(1.0)  # nothing may still be writing: the ranks are gone
+    at_kill = train_losses(killed_out)
+    assert max(at_kill) < steps and not os.path.isdir(os.path.join(checkpoint_root(killed_out), step_dir_name(8)))
 
     codes, log = run_nodes(killed_cfg, str(tmp_path / "resumed"), extra=["--resume"])
     assert codes == [0, 0], log[-4000:]
