@@ -265,6 +265,15 @@ def check_sharded_values(ctx: SelfTestContext) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _remove_folders(folders: list[str]) -> None:
+    """rmdir each (innermost first): a folder that holds anything else stays."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
 def check_checkpoint_folder(ctx: SelfTestContext) -> tuple[str, str]:
     import torch.distributed as dist
 
@@ -282,6 +291,8 @@ def check_checkpoint_folder(ctx: SelfTestContext) -> tuple[str, str]:
     hosts = all_hosts()
     problems = [p for p in shared_folder_problems(sub) if p]
     if problems:
+        if ctx.rank == 0:  # the probe made the subfolder (and maybe out_dir): nothing else was written
+            _remove_folders([sub] + ([out_dir] if created_out_dir[0] else []))
         return FAIL, (f"train.out_dir '{out_dir}' is not one folder every rank reads and writes (checkpoints need "
                       f"it): {'; '.join(problems[:3])}")
     rows, dim, k = _table_dims(ctx)
@@ -324,11 +335,7 @@ def check_checkpoint_folder(ctx: SelfTestContext) -> tuple[str, str]:
                     os.remove(os.path.join(folder, name))
                 except FileNotFoundError:
                     pass
-        for folder in (dst, src, sub) + ((out_dir,) if created_out_dir[0] else ()):
-            try:
-                os.rmdir(folder)
-            except OSError:
-                pass
+        _remove_folders([dst, src, sub] + ([out_dir] if created_out_dir[0] else []))
     if error:
         return FAIL, f"value-shard round trip in '{sub}': {error}"
     return OK, (f"'{out_dir}' shared by {ctx.world} rank(s) on {len(set(hosts))} host(s); value shards saved by "

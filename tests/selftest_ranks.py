@@ -23,18 +23,29 @@ def _context(rank: int, world: int):
                            dist.new_group(list(range(world))), torch.float32)
 
 
+# each a wrong exchange with the right shapes: forward rows to the wrong tokens, backward output
+# grads to the wrong tokens, lookup-weight partial dots counted twice
+SABOTAGE = {
+    "forward": ("_columns_to_owners", lambda original: lambda self, bag, counts, n: original(self, bag, counts, n).roll(1, 0)),
+    "backward": ("_owners_to_columns", lambda original: lambda self, grad, counts: original(self, grad, counts).roll(1, 0)),
+    "weight grads": ("_partials_to_owners", lambda original: lambda self, part, counts, n: 2 * original(self, part, counts, n)),
+}
+
+
 def checks_with_and_without_sabotage(rank: int, world: int):
-    """(collectives, sharded values) verdicts of a correct table, then of one whose all-to-all hands
-    each token the columns of the next token (a wrong exchange with the right shapes)."""
+    """The (collectives, sharded values) verdicts of correct tables, then {sabotage: sharded-values
+    verdict} with each exchange of SABOTAGE broken in turn."""
     from pkm.sharded_values import ShardedValueTable
     from pretrain.selftest import check_collectives, check_sharded_values
 
     ctx = _context(rank, world)
     right = (check_collectives(ctx), check_sharded_values(ctx))
-    original = ShardedValueTable._columns_to_owners
-    ShardedValueTable._columns_to_owners = lambda self, bag, counts, n: original(self, bag, counts, n).roll(1, 0)
-    try:
-        wrong = check_sharded_values(ctx)
-    finally:
-        ShardedValueTable._columns_to_owners = original
+    wrong = {}
+    for name, (method, broken) in SABOTAGE.items():
+        original = getattr(ShardedValueTable, method)
+        setattr(ShardedValueTable, method, broken(original))
+        try:
+            wrong[name] = check_sharded_values(ctx)
+        finally:
+            setattr(ShardedValueTable, method, original)
     return right, wrong
