@@ -442,7 +442,7 @@ CHECKS: list[tuple[str, Callable[[SelfTestContext], tuple[str, str]]]] = [
 # --------------------------------------------------------------------------------------------------
 
 
-def _context(argv: list[str]) -> SelfTestContext:
+def _context(argv: list[str], group) -> SelfTestContext:
     """The run's configs, checked as the job would check them (without its data or checkpoints)."""
     import json
 
@@ -465,7 +465,6 @@ def _context(argv: list[str]) -> SelfTestContext:
     bf16 = bool((ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled"))
     fp16 = bool((ds.get("fp16") or {}).get("enabled"))
     act = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
-    group = dist.new_group(list(range(world))) if world > 1 else None  # the tables get their own group
     return SelfTestContext(cfg, ds, model_config, torch.device(accel.current_device_name()), dist.get_rank(),
                            world, group, act)
 
@@ -503,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pretrain.distributed import init_distributed
     from pretrain.main import _single_process_env
-    from pretrain.shared_storage import first_failure
+    from pretrain.shared_storage import control_group, first_failure
 
     _single_process_env()
     accel = get_accelerator()
@@ -511,9 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     init_distributed()
     try:
+        # every rank makes the groups first, in the same order, whatever fails later
+        control_group()
+        group = dist.new_group(list(range(dist.get_world_size()))) if dist.get_world_size() > 1 else None
         error, ctx = None, None
         try:
-            ctx = _context(argv)
+            ctx = _context(argv, group)  # the tables get a group of their own, as in training
         except Exception as e:  # noqa: BLE001 - every rank must hear of it
             error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
         try:
@@ -532,8 +534,6 @@ def main(argv: list[str] | None = None) -> int:
                     traceback.print_exc()
             results.append((name, status, f"{detail} [{time.perf_counter() - t0:.1f} s]"))
         per_rank: list[Any] = [None] * ctx.world
-        from pretrain.shared_storage import control_group
-
         if ctx.world > 1:
             dist.all_gather_object(per_rank, results, group=control_group())
         else:
