@@ -39,3 +39,47 @@ def agreement_cases(rank: int, root: str) -> dict[str, str]:
         "every rank wrote (shared)": _outcome(ss.check_every_rank_wrote, shared, files),
         "every rank wrote (own)": _outcome(ss.check_every_rank_wrote, own, files),
     }
+
+
+def shard_scan_cases(rank: int, root: str) -> dict[str, object]:
+    """Who scans the shards (check_shards replaced by a recorder): a shared folder, node-local
+    copies on two hosts (host names faked per rank), and a scan that fails."""
+    import socket
+
+    from pretrain import data, shared_storage
+
+    calls: list[str] = []
+
+    def recorder(shard_dir, splits, vocab_size, verify_checksums=False):
+        calls.append(os.path.basename(shard_dir))
+        if os.path.basename(shard_dir) == "corrupt":
+            raise ValueError(f"{shard_dir}/train_00000.bin holds token id 99999")
+
+    data.check_shards = recorder
+    shared = os.path.join(root, "shared")
+    own = os.path.join(root, f"copy_{rank}")
+    corrupt = os.path.join(root, "corrupt")
+    for folder in (shared, own, corrupt):
+        os.makedirs(folder, exist_ok=True)
+    out: dict[str, object] = {}
+    data.check_shards_once(shared, ["train"], 100)
+    out["shared"] = list(calls)
+    calls.clear()
+    real_hostname = socket.gethostname
+    socket.gethostname = lambda: f"node{rank}"  # two hosts, each with its own copy
+    shared_storage._HOSTS = None
+    try:
+        data.check_shards_once(own, ["train"], 100)
+    finally:
+        socket.gethostname = real_hostname
+        shared_storage._HOSTS = None
+    out["copies on two hosts"] = list(calls)
+    calls.clear()
+    out["corrupt"] = _outcome(data.check_shards_once, corrupt, ["train"], 100)
+    out["corrupt scanned by"] = list(calls)
+    return out
+
+
+def all_cases(rank: int, root: str) -> dict[str, object]:
+    """Both sets, from one spawn (the start-up of the ranks dominates the cost)."""
+    return {**agreement_cases(rank, root), "scan": shard_scan_cases(rank, os.path.join(root, "scan"))}

@@ -1,5 +1,6 @@
-"""pretrain/shared_storage.py: the start-up agreement between ranks, on 2 spawned gloo ranks (a
-folder per rank stands for node-local storage), and the Docker volume check."""
+"""pretrain/shared_storage.py and check_shards_once: the start-up agreement between ranks, on 2
+spawned gloo ranks (a folder per rank stands for node-local storage, faked host names for two
+nodes), and the Docker volume check."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pretrain import shared_storage
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
-    from tests.storage_ranks import agreement_cases
+    from tests.storage_ranks import all_cases
     from tests.test_sharded_values import run_on_ranks
 
     root = tmp_path_factory.mktemp("storage")
@@ -22,7 +23,7 @@ def cases(tmp_path_factory):
     (ckpt / "meta.json").write_text(json.dumps({"format_version": 2, "step": 4}))
     os.environ["PKM_SHARED_FS_WAIT_S"] = "1"  # inherited by the spawned ranks
     try:
-        return run_on_ranks(agreement_cases, 2, str(root))
+        return run_on_ranks(all_cases, 2, str(root))
     finally:
         del os.environ["PKM_SHARED_FS_WAIT_S"]
 
@@ -73,3 +74,12 @@ def test_docker_out_dir_outside_the_checkpoint_volume(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"train.out_dir 'runs/x' .* is not under the .*checkpoints volume"):
         shared_storage.check_out_dir_on_a_volume("runs/x")
     shared_storage.check_out_dir_on_a_volume(str(volume / "run1"))
+
+
+def test_shards_are_scanned_once_per_view(cases):
+    results = [c["scan"] for c in cases]
+    assert results[0]["shared"] == ["shared"] and results[1]["shared"] == []  # rank 0 for everyone
+    assert results[0]["copies on two hosts"] == ["copy_0"] and results[1]["copies on two hosts"] == ["copy_1"]
+    assert results[0]["corrupt scanned by"] == ["corrupt"] and results[1]["corrupt scanned by"] == []
+    for r in results:  # the rank that did not scan exits with the scanner's verdict
+        assert r["corrupt"].startswith("raised: rank 0 (host ") and "holds token id 99999" in r["corrupt"]
