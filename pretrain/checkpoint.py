@@ -21,7 +21,9 @@ Writing: rank 0 creates ``step_N.tmp/``; every rank writes its parts; after a ba
 ``latest`` or the new one pointing at a complete folder; leftover ``*.tmp`` folders are ignored and
 cleaned by the next save. A folder damaged later (a file missing or of another size than meta.json
 records) is skipped by ``latest_checkpoint``, which falls back to the newest intact one. The folder
-must be on a file system every rank sees (as DeepSpeed's own checkpointing assumes).
+must be on a file system every rank sees (as DeepSpeed's own checkpointing assumes): a multi-rank
+run checks that at start (``pretrain.shared_storage.check_folder_shared``), and every save checks
+that rank 0 sees each rank's train-state file before it renames the folder.
 """
 
 from __future__ import annotations
