@@ -35,6 +35,7 @@ __all__ = [
     "control_group",
     "rank_name",
     "all_hosts",
+    "all_gather_objects",
     "first_failure",
     "check_folder_shared",
     "folder_is_shared",
@@ -83,7 +84,8 @@ def rank_name(rank: int | None = None, host: str | None = None) -> str:
     return f"rank {rank} (host {host or socket.gethostname()})"
 
 
-def _all_gather(obj: Any) -> list[Any]:
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (collective over ``control_group``)."""
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj, group=control_group())
     return out
@@ -110,7 +112,7 @@ def first_failure(error: str | None) -> None:
         if error:
             raise StartupError(error)
         return
-    verdicts = _all_gather((rank_name(), error))
+    verdicts = all_gather_objects((rank_name(), error))
     failed = [(who, msg) for who, msg in verdicts if msg]
     if failed:
         who, msg = failed[0]
@@ -188,7 +190,7 @@ def _probe(folder: str, two_way: bool, create: bool) -> list[str | None]:
                 _write_probe(mine, nonce)
             except OSError as e:
                 problem = f"{rank_name()} cannot write in '{folder}': {e.strerror or e}"
-    seen = _all_gather(problem)
+    seen = all_gather_objects(problem)
     if two_way:  # the other direction: rank 0 renames what every rank wrote
         if rank == 0:
             paths = {r: os.path.join(folder, f"{PROBE_PREFIX}{nonce}-rank{r}.json")
@@ -213,7 +215,7 @@ def all_hosts() -> list[str]:
     """Every rank's host name (collective on the first call only, on every rank)."""
     global _HOSTS
     if _HOSTS is None or len(_HOSTS) != dist.get_world_size():
-        _HOSTS = _all_gather(socket.gethostname())
+        _HOSTS = all_gather_objects(socket.gethostname())
     return _HOSTS
 
 
@@ -255,7 +257,7 @@ def agree_on_resume(resume_from: str | None) -> None:
         from pretrain.checkpoint import read_meta
 
         step = int(read_meta(resume_from)["step"])
-    choices = _all_gather((rank_name(), step, os.path.basename(os.path.normpath(resume_from)) if resume_from else None))
+    choices = all_gather_objects((rank_name(), step, os.path.basename(os.path.normpath(resume_from)) if resume_from else None))
     if len({step for _, step, _ in choices}) > 1:
         listed = "; ".join(f"{who}: {f'step {s} ({name})' if s is not None else 'a new run (no checkpoint)'}"
                            for who, s, name in choices[:8])

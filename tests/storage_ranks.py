@@ -77,6 +77,21 @@ def shard_scan_cases(rank: int, root: str) -> dict[str, object]:
     calls.clear()
     out["corrupt"] = _outcome(data.check_shards_once, corrupt, ["train"], 100)
     out["corrupt scanned by"] = list(calls)
+    # a scan (3 s) longer than the group's timeout (1 s): the others wait in rounds, never timing out
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    short = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=1))
+    real_group, real_poll = shared_storage.control_group, data.SCAN_POLL_S
+    shared_storage.control_group = lambda: short
+    data.SCAN_POLL_S = 0.2
+    data.check_shards = lambda *a, **k: time.sleep(3.0)
+    try:
+        out["slow scan"] = _outcome(data.check_shards_once, shared, ["train"], 100)
+    finally:
+        shared_storage.control_group, data.SCAN_POLL_S = real_group, real_poll
     return out
 
 

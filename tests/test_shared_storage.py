@@ -83,3 +83,4 @@ def test_shards_are_scanned_once_per_view(cases):
     assert results[0]["corrupt scanned by"] == ["corrupt"] and results[1]["corrupt scanned by"] == []
     for r in results:  # the rank that did not scan exits with the scanner's verdict
         assert r["corrupt"].startswith("raised: rank 0 (host ") and "holds token id 99999" in r["corrupt"]
+        assert r["slow scan"] == "ok"  # 3 s of scanning under a 1-s collective timeout
