@@ -18,12 +18,13 @@ usage: ./run.sh <command> [args...]
   test       run the test suite (pytest; extra args go to pytest)
   prep       data prep: python -m data_prep ...            (./run.sh prep --help)
   pretrain   deepspeed pretrain/main.py ...             (./run.sh pretrain --help)
+  selftest   the cluster self-test, with the same arguments as pretrain: run it first (./run.sh selftest --help)
   convert    checkpoint -> Hugging Face folder             (./run.sh convert --help)
   finetune   one GLUE / SQuAD finetuning run               (./run.sh finetune --help)
   sweep      a grid of finetuning runs -> results table    (./run.sh sweep --help)
   bench      run the benchmark scripts in benchmarks/      (./run.sh bench [name ...])
 
-Every command takes --help. Environment: PKM_VENV (venv path), PKM_NUM_PROCS (ranks for pretrain on one node),
+Every command takes --help. Environment: PKM_VENV (venv path), PKM_NUM_PROCS (ranks for pretrain / selftest on one node),
 PKM_LAUNCHER_ARGS (deepspeed launcher options instead, e.g. "--hostfile hosts"), PKM_SKIP_TORCH=1 (keep the
 installed torch, as on GPU images).
 USAGE
@@ -117,6 +118,13 @@ main() {
       # PKM_LAUNCHER_ARGS passes launcher options through (e.g. "--hostfile hosts --num_nodes 2").
       # shellcheck disable=SC2086
       run_launcher "$VENV/bin/deepspeed" ${PKM_LAUNCHER_ARGS:---num_gpus ${PKM_NUM_PROCS:-1}} pretrain/main.py "$@" ;;
+    selftest)
+      # the same launcher, ranks and arguments as pretrain: collectives, sharded tables, the shared
+      # checkpoint folder and the all-to-all bandwidth, checked in a minute or two before a long run
+      cmd_setup
+      if need_help "$@"; then exec "$PY" -m pretrain.selftest --help; fi
+      # shellcheck disable=SC2086
+      run_launcher "$VENV/bin/deepspeed" ${PKM_LAUNCHER_ARGS:---num_gpus ${PKM_NUM_PROCS:-1}} --module pretrain.selftest "$@" ;;
     convert)  cmd_setup; exec "$PY" -m pretrain.convert "$@" ;;
     finetune) cmd_setup; exec "$PY" -m finetune "$@" ;;
     sweep)    cmd_setup; exec "$PY" -m finetune.sweep "$@" ;;

@@ -18,7 +18,7 @@ fi
 # Keep in step with the subcommands of run.sh (tests/test_docker.py checks it). Listed first because
 # some are also names of system programs (`test`).
 case "${1:-}" in
-  setup|demo|ablation|test|prep|pretrain|convert|finetune|sweep|bench|help|-h|--help|"")
+  setup|demo|ablation|test|prep|pretrain|selftest|convert|finetune|sweep|bench|help|-h|--help|"")
     exec "$RUN_SH" "$@" ;;
 esac
 

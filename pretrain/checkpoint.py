@@ -21,7 +21,9 @@ Writing: rank 0 creates ``step_N.tmp/``; every rank writes its parts; after a ba
 ``latest`` or the new one pointing at a complete folder; leftover ``*.tmp`` folders are ignored and
 cleaned by the next save. A folder damaged later (a file missing or of another size than meta.json
 records) is skipped by ``latest_checkpoint``, which falls back to the newest intact one. The folder
-must be on a file system every rank sees (as DeepSpeed's own checkpointing assumes).
+must be on a file system every rank sees (as DeepSpeed's own checkpointing assumes): a multi-rank
+run checks that at start (``pretrain.shared_storage.check_folder_shared``), and every save checks
+that rank 0 sees each rank's train-state file before it renames the folder.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch.distributed as dist
 from atomic_files import write_json_atomic, write_text_atomic
 from pkm.checkpoint_values import load_full_values, load_value_shards, save_value_shards
 from pretrain.safe_load import deepspeed_files_loaded_safely, load_weights_only, numpy_rng_globals
+from pretrain.shared_storage import check_every_rank_wrote
 
 __all__ = [
     "TrainState",
@@ -313,6 +316,9 @@ def save_checkpoint(
             if tokenizer_dir:
                 copy_tokenizer_files(tokenizer_dir, model_dir)
     _barrier()
+    # a rank whose out_dir is not rank 0's (node-local storage) would leave its part elsewhere: say
+    # so now, on every rank, instead of renaming an incomplete folder found only at the resume
+    check_every_rank_wrote(tmp, [f"train_state/rank_{r:05d}.pt" for r in range(world_size)])
 
     if rank == 0:
         meta = {

@@ -58,6 +58,7 @@ from data_prep import load_manifest, open_split
 IGNORE_INDEX = -100
 PACKING_MODES = ("full", "doc")
 VERIFIED_CACHE = "shards_verified.json"  # per-shard results of check_shards, keyed by file size + mtime
+SCAN_POLL_S = 2.0  # check_shards_once: how often the ranks ask whether the scan is done
 
 
 # ---------------------------------------------------------------- checks before training
@@ -126,6 +127,58 @@ def check_shards(shard_dir: str | Path, splits: Sequence[str], vocab_size: int, 
                 entry["sha256_verified"], changed = True, True
     if changed:
         _write_verified_cache(shard_dir, cache)
+
+
+def check_shards_once(shard_dir: str | Path, splits: Sequence[str], vocab_size: int,
+                      verify_checksums: bool = False) -> None:
+    """``check_shards`` for a multi-rank run: one rank per view of the shard folder scans, the others
+    wait for its verdict, so a corpus on shared storage is read (and hashed) once, not once per rank.
+
+    Collective once a process group is up (every rank calls it; otherwise it is ``check_shards``).
+    When every rank sees a file that rank 0 writes in ``shard_dir`` (``folder_is_shared``: one folder
+    on shared storage), rank 0 scans; otherwise (node-local copies, or a folder rank 0 cannot write
+    in) the lowest rank of each host scans that host's copy. The verdict travels to every rank
+    (``first_failure``: each rank raises the first scanner's error), so it holds for a read-only
+    folder too; the scanner's ``shards_verified.json`` cache keeps the next start cheap. The others
+    wait in rounds of a quick collective every SCAN_POLL_S, so a long first scan (checksums of a
+    large corpus) never runs into the process group's timeout."""
+    import socket
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        check_shards(shard_dir, splits, vocab_size, verify_checksums=verify_checksums)
+        return
+    from pretrain.shared_storage import all_gather_objects, all_hosts, first_failure, folder_is_shared
+
+    rank = dist.get_rank()
+    if folder_is_shared(str(shard_dir)):
+        scanner = rank == 0
+    else:
+        hosts = all_hosts()
+        scanner = hosts.index(socket.gethostname()) == rank  # the lowest rank on this host
+    outcome: dict[str, str | None] = {}
+
+    def scan() -> None:
+        try:
+            check_shards(shard_dir, splits, vocab_size, verify_checksums=verify_checksums)
+            outcome["error"] = None
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            outcome["error"] = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+
+    worker = threading.Thread(target=scan, name="check_shards", daemon=True) if scanner else None
+    if worker is not None:
+        worker.start()
+    # Wait in short rounds, each a quick collective: a first scan with checksums of a large corpus may
+    # take longer than the process group's timeout, which a single collective would hit.
+    while True:
+        done = worker is None or not worker.is_alive()
+        if all(all_gather_objects(done)):
+            break
+        time.sleep(SCAN_POLL_S)
+    first_failure(outcome.get("error"))
 
 
 class ShardedTokens:

@@ -313,12 +313,13 @@ def _model_config(cfg: RunConfig, vocab_size: int | None, max_seq_len: int, worl
 
 def _check_shards(cfg: RunConfig, tokenizer_vocab: int | None, model_vocab: int) -> None:
     """Shard headers, sizes and token ids (and checksums with data.verify_checksums), before the
-    model is built: a corrupt shard would otherwise fail mid-run, after DeepSpeed started."""
-    from pretrain.data import check_shards
+    model is built: a corrupt shard would otherwise fail mid-run, after DeepSpeed started. Once a
+    process group is up, one rank per view of the folder scans (``check_shards_once``)."""
+    from pretrain.data import check_shards_once
 
     d = cfg.data
     limit = model_vocab if tokenizer_vocab is None else min(tokenizer_vocab, model_vocab)
-    check_shards(d.shard_dir, [d.train_split, d.val_split], limit, verify_checksums=d.verify_checksums)
+    check_shards_once(d.shard_dir, [d.train_split, d.val_split], limit, verify_checksums=d.verify_checksums)
 
 
 def _check_init_weights(init_from: str) -> None:
@@ -432,8 +433,10 @@ def _checkpoint_to_resume(t: Any, world_size: int, rank: int) -> str | None:
 
 def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: list[tuple[str, Any]],
                 ds_overrides: list[tuple[str, Any]] | None = None, world_size: int | None = None,
-                on_gpu: bool | None = None) -> PreparedRun:
-    """Load, merge and check everything; raises ValueError with what to fix. No expensive work."""
+                on_gpu: bool | None = None, check_data: bool = True) -> PreparedRun:
+    """Load, merge and check everything; raises ValueError with what to fix. No expensive work.
+    ``check_data=False`` leaves the shard scan to the caller (``pretrain.startup`` runs it once for
+    all ranks of a multi-rank run)."""
     import torch
 
     env_world, rank, local_rank = _dist_env()
@@ -488,10 +491,14 @@ def prepare_run(config_path: str | None, ds_path: str | None, run_overrides: lis
         if tok_dir is None:
             tok_dir = cfg.model.init_from
     model_config = _model_config(cfg, vocab_size, d.max_seq_len, world_size)
-    _check_shards(cfg, vocab_size, model_config.vocab_size)
+    if check_data:
+        _check_shards(cfg, vocab_size, model_config.vocab_size)
 
     # -- output folder / resume
     t = cfg.train
+    from pretrain.shared_storage import check_out_dir_on_a_volume
+
+    check_out_dir_on_a_volume(t.out_dir)
     resume_from = _checkpoint_to_resume(t, world_size, rank)
     if resume_from:
         _check_resume_matches(resume_from, cfg, model_config)
@@ -559,7 +566,8 @@ def run(prep: PreparedRun):
         # kernels (and a fixed cuBLAS workspace) for a resumed run to match bit for bit.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    init_distributed()
+    if not dist.is_initialized():  # pretrain.startup starts it first in a multi-rank run
+        init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == prep.world_size, (world, prep.world_size)
     accel = get_accelerator()
@@ -606,13 +614,18 @@ def main(argv: list[str] | None = None) -> int:
         print("model.memory keys and defaults (null above: the preset's memory; N = n_keys^2 slots):")
         print(json.dumps(dataclasses.asdict(MemoryConfig()), indent=2))
         return 0
+    import torch.distributed as dist
+
+    from pretrain.startup import prepare_on_every_rank
+
     try:
-        prep = prepare_run(*parse_cli(argv))
+        prep = prepare_on_every_rank(argv)  # one verdict for all ranks, shared out_dir, one resume step
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
         return 2
     _single_process_env()
-    import torch.distributed as dist
 
     from pretrain.trainer import TrainingDiverged
 
