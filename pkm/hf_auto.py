@@ -15,25 +15,15 @@ was half-imported failed: ``import pkm`` then ``from transformers import AutoMod
    ``pkm.configuration.CONFIG_CREATED_HOOKS`` (this module adds it; the config module knows nothing of
    the model code, so there is no import circle).
 
-``AUTO_CLASSES`` is the one list of Auto class -> model class; the remote code written into saved
-folders (``pkm.remote_code``) takes its ``auto_map`` from it too.
+``pkm.auto_classes.AUTO_CLASSES`` is the one list of Auto class -> model class; the remote code
+written into saved folders (``pkm.remote_code``) takes its ``auto_map`` from it too.
 """
 
 from __future__ import annotations
 
-__all__ = ["AUTO_CLASSES", "install", "register_config", "register_model_classes"]
+from pkm.auto_classes import AUTO_CLASSES
 
-# transformers Auto class -> pkm.modeling class
-AUTO_CLASSES: dict[str, str] = {
-    "AutoModel": "BertPkmModel",
-    "AutoModelForMaskedLM": "BertPkmForMaskedLM",
-    "AutoModelForPreTraining": "BertPkmForPreTraining",
-    "AutoModelForSequenceClassification": "BertPkmForSequenceClassification",
-    "AutoModelForTokenClassification": "BertPkmForTokenClassification",
-    "AutoModelForQuestionAnswering": "BertPkmForQuestionAnswering",
-    "AutoModelForMultipleChoice": "BertPkmForMultipleChoice",
-    "AutoModelForNextSentencePrediction": "BertPkmForNextSentencePrediction",
-}
+__all__ = ["AUTO_CLASSES", "install", "register_config", "register_model_classes"]
 
 
 def register_config() -> None:

@@ -29,7 +29,7 @@ import importlib.util
 import json
 import os
 
-from pkm.hf_auto import AUTO_CLASSES
+from pkm.auto_classes import AUTO_CLASSES
 
 __all__ = ["CONFIG_FILE", "MODELING_FILE", "RemoteCodeError", "auto_map", "remote_code_sources", "write_remote_code"]
 

@@ -11,7 +11,7 @@ import transformers
 from transformers import BertConfig, BertForPreTraining
 
 from pkm import modeling
-from pkm.hf_auto import AUTO_CLASSES
+from pkm.auto_classes import AUTO_CLASSES
 from pkm.init_from_bert import init_from_pretrained_bert, load_bert_state_dict
 
 MEMORY = dict(memory_layers=[1], memory_mode="residual", mem_value_init="zeros",

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from pkm.hf_auto import AUTO_CLASSES
+from pkm.auto_classes import AUTO_CLASSES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUTO_IMPORT = f"from transformers import AutoConfig, {', '.join(AUTO_CLASSES)}"

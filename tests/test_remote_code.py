@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pkm import modeling, remote_code
-from pkm.hf_auto import AUTO_CLASSES
+from pkm.auto_classes import AUTO_CLASSES
 from pkm.presets import preset_config
 
 ALLOWED_IMPORTS = {"__future__", "collections", "dataclasses", "functools", "math", "os", "typing",
