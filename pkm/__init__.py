@@ -32,6 +32,7 @@ _LAZY_EXPORTS = {
     ),
     **dict.fromkeys(("init_from_pretrained_bert", "InitReport"), "pkm.init_from_bert"),
     **dict.fromkeys(("preset_config", "PRESETS"), "pkm.presets"),
+    "ValueTableCallback": "pkm.hf_trainer",
 }
 __all__ += list(_LAZY_EXPORTS)
 
