@@ -6,6 +6,12 @@ A memory layer ``i`` adds ``encoder.layer.{i}.memory.*`` (query net, keys, Batch
 the value table ``memory.values.weight``); in replace mode it has no FFN (no ``intermediate.*``,
 no ``output.dense.*``).
 
+Every BERT head: ``BertPkmModel``, ``...ForMaskedLM``, ``...ForPreTraining`` (MLM + NSP),
+``...ForNextSentencePrediction``, ``...ForSequenceClassification``, ``...ForTokenClassification``,
+``...ForQuestionAnswering``, ``...ForMultipleChoice``, each with transformers' BERT head modules and
+names (registered with their Auto classes by ``pkm.hf_auto``). ``save_pretrained`` also writes the
+folder's remote code (``pkm.remote_code``).
+
 Post-LN block, FFN sublayer (DESIGN.md "Placement"):
     plain:    h' = LN(h + Dropout(FFN(h)))
     replace:  h' = LN(h + Dropout(PKM(h)))

@@ -156,6 +156,11 @@ for folder, auto_name in json.load(open(sys.argv[1])):
     with torch.no_grad():
         out = model(**probe["inputs"])
     same = all(torch.equal(out[k], v) for k, v in probe["outputs"].items())
+    if auto_name == "AutoModelForMaskedLM":  # saved again by the remote class itself, and reopened
+        model.save_pretrained(folder + "_again")
+        again = getattr(transformers, auto_name).from_pretrained(folder + "_again", trust_remote_code=True).eval()
+        with torch.no_grad():
+            same = same and torch.equal(again(**probe["inputs"]).logits, probe["outputs"]["logits"])
     results[auto_name] = [type(model).__module__.split(".")[0], type(model).__name__, same]
 print(json.dumps({"blocked": blocked, "pkm_loaded": any(m.split(".")[0] == "pkm" for m in sys.modules),
                   "results": results}))
