@@ -17,9 +17,10 @@ __all__ = [
 
 # --- Model side (pkm/modeling.py, pkm/presets.py), loaded on first use: importing transformers'
 # model code takes seconds, which the memory/value code and its spawned worker processes should not pay.
-# `import pkm` registers the "bert_pkm" config with AutoConfig at once and the model classes with
-# their Auto classes when the first BertPkmConfig is built (pkm.hf_auto), so `import pkm` is enough
-# for AutoModel*.from_pretrained(folder), in any import order.
+# `import pkm` registers the "bert_pkm" config with AutoConfig at once (transformers' config side:
+# about 1 s of CPU, BENCHMARKS.md) and the model classes with their Auto classes when the first
+# BertPkmConfig is built (pkm.hf_auto), so `import pkm` is enough for AutoModel*.from_pretrained(folder),
+# in any import order.
 _LAZY_EXPORTS = {
     **dict.fromkeys(
         (
