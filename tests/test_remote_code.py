@@ -161,6 +161,11 @@ for folder, auto_name in json.load(open(sys.argv[1])):
         again = getattr(transformers, auto_name).from_pretrained(folder + "_again", trust_remote_code=True).eval()
         with torch.no_grad():
             same = same and torch.equal(again(**probe["inputs"]).logits, probe["outputs"]["logits"])
+        # and it trains: the row-sparse value gradient and the dense ones arrive
+        again.train()
+        again(**probe["inputs"], labels=probe["inputs"]["input_ids"]).loss.backward()
+        memory = again.bert.encoder.layer[1].memory
+        same = same and memory.values.sparse_grad is not None and memory.query_proj.weight.grad is not None
     results[auto_name] = [type(model).__module__.split(".")[0], type(model).__name__, same]
 print(json.dumps({"blocked": blocked, "pkm_loaded": any(m.split(".")[0] == "pkm" for m in sys.modules),
                   "results": results}))
