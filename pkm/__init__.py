@@ -15,21 +15,25 @@ __all__ = [
     "ValueTable",
 ]
 
-# --- Model side (pkm/modeling.py, pkm/presets.py), loaded on first use: importing transformers
-# takes seconds, which the memory/value code and its spawned worker processes should not pay.
-# Touching any of these names (or `import pkm.modeling`) registers "bert_pkm" with the Auto classes;
-# without that, pkm.hf_auto registers it lazily, so `import pkm` is enough for AutoModel*.from_pretrained.
+# --- Model side (pkm/modeling.py, pkm/presets.py), loaded on first use: importing transformers'
+# model code takes seconds, which the memory/value code and its spawned worker processes should not pay.
+# `import pkm` registers the "bert_pkm" config with AutoConfig at once (transformers' config side:
+# about 1 s of CPU, BENCHMARKS.md) and the model classes with their Auto classes when the first
+# BertPkmConfig is built (pkm.hf_auto), so `import pkm` is enough for AutoModel*.from_pretrained(folder),
+# in any import order.
 _LAZY_EXPORTS = {
     **dict.fromkeys(
         (
             "BertPkmConfig", "BertPkmModel", "BertPkmForMaskedLM", "BertPkmForSequenceClassification",
-            "BertPkmForQuestionAnswering", "BertPkmPreTrainedModel", "memory_modules", "value_tables",
-            "last_memory_outputs", "parameter_groups",
+            "BertPkmForQuestionAnswering", "BertPkmForTokenClassification", "BertPkmForMultipleChoice",
+            "BertPkmForNextSentencePrediction", "BertPkmForPreTraining", "BertPkmPreTrainedModel",
+            "memory_modules", "value_tables", "last_memory_outputs", "parameter_groups",
         ),
         "pkm.modeling",
     ),
     **dict.fromkeys(("init_from_pretrained_bert", "InitReport"), "pkm.init_from_bert"),
     **dict.fromkeys(("preset_config", "PRESETS"), "pkm.presets"),
+    "ValueTableCallback": "pkm.hf_trainer",
 }
 __all__ += list(_LAZY_EXPORTS)
 

@@ -9,16 +9,20 @@ meaning, so a BERT checkpoint's config.json can be extended field by field.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
-from pkm.hf_auto import ensure_model_classes_registered, register_config_if_auto_loaded
 from pkm.memory_config import MEMORY_MODES, QUERY_NORMS, VALUE_INITS, MemoryConfig
 
-__all__ = ["BertPkmConfig", "MemoryConfig", "MEMORY_MODES", "QUERY_NORMS", "VALUE_INITS"]
+__all__ = ["BertPkmConfig", "CONFIG_CREATED_HOOKS", "MemoryConfig", "MEMORY_MODES", "QUERY_NORMS", "VALUE_INITS"]
 
 _DEFAULT = MemoryConfig  # its class attributes are the field defaults: one home for them
+
+# Called with every new BertPkmConfig. pkm.hf_auto adds one that registers the model classes with
+# transformers' Auto classes on first use, so that this module never imports the model code.
+CONFIG_CREATED_HOOKS: list[Callable[["BertPkmConfig"], None]] = []
 
 
 @strict
@@ -68,9 +72,8 @@ class BertPkmConfig(BertConfig):
         # Validated here (not only in validate_architecture) so bad values raise a plain ValueError
         # at construction: `@strict` wraps validator errors in its own non-ValueError exception.
         self.validate_memory()
-        # An Auto class is loading a bert_pkm folder (or will build from this config): make sure it
-        # finds the model classes (pkm.hf_auto; a no-op while the Auto machinery is not in use).
-        ensure_model_classes_registered()
+        for hook in tuple(CONFIG_CREATED_HOOKS):  # a hook may remove itself
+            hook(self)
 
     def validate_architecture(self):
         """Part of `@strict` validation (``config.validate()``)."""
@@ -93,7 +96,3 @@ class BertPkmConfig(BertConfig):
     def num_memory_slots(self) -> int:
         """N = n_keys^2 slots per memory."""
         return self.memory.num_slots
-
-
-# transformers' Auto configs may have loaded while this module imported transformers (pkm.hf_auto)
-register_config_if_auto_loaded()

@@ -1,96 +1,64 @@
-"""Make ``import pkm`` enough for transformers' Auto classes to load ``bert_pkm`` folders, cheaply.
+"""``import pkm`` is enough for transformers' Auto classes to load ``bert_pkm`` folders, in any
+import order.
 
-Importing transformers' model code takes seconds, which ``import pkm`` (and every spawned worker of
-the value-table code) should not pay. So the registration is done in two lazy steps:
+Two steps, neither of them inside an import of transformers (a hook that fired while transformers
+was half-imported failed: ``import pkm`` then ``from transformers import AutoModel`` loads
+``configuration_auto`` in the middle of ``modeling_auto``, where ``BertConfig`` cannot be imported):
 
-1. the config: right after transformers loads its ``configuration_auto`` module (which any Auto class
-   loads first), ``AutoConfig.register("bert_pkm", BertPkmConfig)``. A one-shot import hook does it;
-   if that module is loaded already, it is done at once. Only the light config module is imported
-   there: the model code cannot be, because transformers may load ``configuration_auto`` halfway
-   through importing modules the model code needs.
-2. the model classes: when a ``BertPkmConfig`` is created while the Auto machinery is loaded (as
-   ``AutoModel*.from_pretrained(folder)`` does before it looks the model class up), ``pkm.modeling``
-   is imported, and it registers every BertPkm model class with its Auto class.
+1. the config, eagerly: ``install`` (run by ``import pkm``) imports transformers' ``AutoConfig`` and
+   ``pkm.configuration`` and calls ``AutoConfig.register("bert_pkm", BertPkmConfig)``. This costs
+   ``import pkm`` about a second (BENCHMARKS.md, "import pkm").
+2. the model classes, on first use: importing the model code (``transformers.modeling_utils``, BERT's
+   modules) costs seconds more, so it waits until a ``BertPkmConfig`` is created, which is what every
+   ``AutoModel*.from_pretrained(folder)`` / ``from_config(config)`` does before it looks the model
+   class up, and which happens at call time, after every import is done. The hook sits in
+   ``pkm.configuration.CONFIG_CREATED_HOOKS`` (this module adds it; the config module knows nothing of
+   the model code, so there is no import circle).
 
-``import pkm.modeling`` registers everything at once, as before. When ``configuration_auto`` loads
-while ``pkm.configuration`` itself is being imported (it imports transformers), the config module
-registers itself at its end instead (``register_config_if_auto_loaded``).
+``pkm.auto_classes.AUTO_CLASSES`` is the one list of Auto class -> model class; the remote code
+written into saved folders (``pkm.remote_code``) takes its ``auto_map`` from it too.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.util
-import sys
-import warnings
+from pkm.auto_classes import AUTO_CLASSES
 
-__all__ = ["install", "register_config", "register_config_if_auto_loaded", "ensure_model_classes_registered"]
-
-_CONFIG_AUTO = "transformers.models.auto.configuration_auto"
+__all__ = ["AUTO_CLASSES", "install", "register_config", "register_model_classes"]
 
 
 def register_config() -> None:
     """``AutoConfig`` learns ``model_type = "bert_pkm"``."""
-    from transformers.models.auto.configuration_auto import AutoConfig
+    from transformers import AutoConfig
 
     from pkm.configuration import BertPkmConfig
 
     AutoConfig.register("bert_pkm", BertPkmConfig, exist_ok=True)
 
 
-def register_config_if_auto_loaded() -> None:
-    """Called at the end of ``pkm.configuration``'s import."""
-    if _CONFIG_AUTO in sys.modules:
-        register_config()
+def register_model_classes() -> None:
+    """Every Auto class of ``AUTO_CLASSES`` learns its BertPkm model class (imports the model code)."""
+    import transformers
+
+    from pkm import modeling
+
+    for auto_name, class_name in AUTO_CLASSES.items():
+        getattr(transformers, auto_name).register(modeling.BertPkmConfig, getattr(modeling, class_name),
+                                                  exist_ok=True)
 
 
-def ensure_model_classes_registered() -> None:
-    """Import ``pkm.modeling`` (its import registers the model classes) once the Auto machinery is
-    in use; a no-op otherwise, so building a config stays cheap."""
-    if _CONFIG_AUTO in sys.modules and "pkm.modeling" not in sys.modules:
-        importlib.import_module("pkm.modeling")
+def _on_config_created(config) -> None:  # noqa: ARG001
+    """A one-shot ``CONFIG_CREATED_HOOKS`` entry: the first config registers the model classes."""
+    from pkm.configuration import CONFIG_CREATED_HOOKS
 
-
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for ``configuration_auto`` it takes the regular spec and runs
-    ``register_config`` right after the module has executed."""
-
-    def find_spec(self, fullname, path, target=None):  # noqa: ARG002
-        if fullname != _CONFIG_AUTO:
-            return None
-        sys.meta_path.remove(self)  # one shot; and the lookup below must not come back here
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        run_module = spec.loader.exec_module
-
-        def exec_then_register(module):
-            run_module(module)
-            _on_config_auto_loaded()
-
-        spec.loader.exec_module = exec_then_register  # this module's loader instance only
-        return spec
-
-
-def _on_config_auto_loaded() -> None:
-    config_module = sys.modules.get("pkm.configuration")
-    if config_module is not None and not hasattr(config_module, "BertPkmConfig"):
-        return  # pkm.configuration is mid-import (it loaded transformers): it registers at its end
-    _register_config_safely()
-
-
-def _register_config_safely() -> None:
-    try:
-        register_config()
-    except Exception as e:  # never break transformers' own import over our registration
-        warnings.warn(f"pkm could not register 'bert_pkm' with transformers' AutoConfig: {e}", stacklevel=2)
+    if _on_config_created in CONFIG_CREATED_HOOKS:
+        CONFIG_CREATED_HOOKS.remove(_on_config_created)
+    register_model_classes()
 
 
 def install() -> None:
-    """Called by ``import pkm``: register now if transformers' Auto configs are loaded, else on
-    their first load."""
-    if _CONFIG_AUTO in sys.modules:
-        _register_config_safely()
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport())
+    """Called by ``import pkm``: register the config now, the model classes on first use."""
+    from pkm.configuration import CONFIG_CREATED_HOOKS
+
+    register_config()
+    if _on_config_created not in CONFIG_CREATED_HOOKS:
+        CONFIG_CREATED_HOOKS.append(_on_config_created)

@@ -2,10 +2,13 @@
 
 Kim & Jung (2020)'s first finding: start from a BERT pretrained without memory and add the memory.
 Every weight of the checkpoint that has the same name and shape in the new model is copied; the
-memory layers (and anything else the checkpoint lacks) keep their fresh initialisation; weights
-the new model has no place for (e.g. the FFN of a replace-mode layer, the pooler for an MLM model,
-the NSP head) are dropped. The report lists all three. In residual mode with zero-initialised
-values (``mem_value_init="zeros"``) the new model computes exactly the original's hidden states.
+memory layers (and anything else the checkpoint lacks, e.g. a new classifier) keep their fresh
+initialisation; weights the new model has no place for (e.g. the FFN of a replace-mode layer, the
+pooler for an MLM model, the NSP head for any head but ``BertPkmForPreTraining`` and
+``BertPkmForNextSentencePrediction``, which load it) are dropped. The report lists all three. Any
+BertPkm head class can be built (``model_class``); in residual mode with zero-initialised values
+(``mem_value_init="zeros"``) it computes exactly what transformers' BERT class of that head computes
+from the same checkpoint (tests/test_bert_heads.py).
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ A memory layer ``i`` adds ``encoder.layer.{i}.memory.*`` (query net, keys, Batch
 the value table ``memory.values.weight``); in replace mode it has no FFN (no ``intermediate.*``,
 no ``output.dense.*``).
 
+Every BERT head: ``BertPkmModel``, ``...ForMaskedLM``, ``...ForPreTraining`` (MLM + NSP),
+``...ForNextSentencePrediction``, ``...ForSequenceClassification``, ``...ForTokenClassification``,
+``...ForQuestionAnswering``, ``...ForMultipleChoice``, each with transformers' BERT head modules and
+names (registered with their Auto classes by ``pkm.hf_auto``). ``save_pretrained`` also writes the
+folder's remote code (``pkm.remote_code``).
+
 Post-LN block, FFN sublayer (DESIGN.md "Placement"):
     plain:    h' = LN(h + Dropout(FFN(h)))
     replace:  h' = LN(h + Dropout(PKM(h)))
@@ -27,31 +33,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForMaskedLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    PreTrainedModel,
-)
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    NextSentencePredictorOutput,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
+    TokenClassifierOutput,
 )
 from transformers.models.bert.modeling_bert import (
     BertAttention,
     BertEmbeddings,
+    BertForPreTrainingOutput,
     BertIntermediate,
     BertLMPredictionHead,
     BertOnlyMLMHead,
+    BertOnlyNSPHead,
     BertOutput,
     BertPooler,
+    BertPreTrainingHeads,
     BertSelfAttention,
 )
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
@@ -67,6 +72,10 @@ __all__ = [
     "BertPkmForMaskedLM",
     "BertPkmForSequenceClassification",
     "BertPkmForQuestionAnswering",
+    "BertPkmForTokenClassification",
+    "BertPkmForMultipleChoice",
+    "BertPkmForNextSentencePrediction",
+    "BertPkmForPreTraining",
     "BertPkmPreTrainedModel",
     "memory_modules",
     "value_tables",
@@ -101,6 +110,26 @@ class BertPkmSequenceClassifierOutput(SequenceClassifierOutput):
 
 @dataclass
 class BertPkmQuestionAnsweringOutput(QuestionAnsweringModelOutput):
+    memory_outputs: tuple[MemoryOutput, ...] | None = None
+
+
+@dataclass
+class BertPkmTokenClassifierOutput(TokenClassifierOutput):
+    memory_outputs: tuple[MemoryOutput, ...] | None = None
+
+
+@dataclass
+class BertPkmMultipleChoiceOutput(MultipleChoiceModelOutput):
+    memory_outputs: tuple[MemoryOutput, ...] | None = None
+
+
+@dataclass
+class BertPkmNextSentencePredictorOutput(NextSentencePredictorOutput):
+    memory_outputs: tuple[MemoryOutput, ...] | None = None
+
+
+@dataclass
+class BertPkmForPreTrainingOutput(BertForPreTrainingOutput):
     memory_outputs: tuple[MemoryOutput, ...] | None = None
 
 
@@ -230,6 +259,21 @@ class BertPkmPreTrainedModel(PreTrainedModel):
             if memory.owns_values:
                 memory.value_table.weight.requires_grad_(False)
         return loaded
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
+        """HF save_pretrained, plus the folder's remote code (``pkm.remote_code``): config.json gets
+        an ``auto_map`` and ``configuration_bert_pkm.py`` / ``modeling_bert_pkm.py`` (this package's
+        pure-torch path, generated from its source) are written beside the weights, so
+        ``AutoModel*.from_pretrained(folder, trust_remote_code=True)`` works without this package."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained(push_to_hub=True) would upload the folder before its remote code "
+                             "is written: save it first, then upload it (huggingface_hub.upload_folder).")
+        result = super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            from pkm.remote_code import write_remote_code  # the generator reads source files: on use only
+
+            write_remote_code(save_directory)
+        return result
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -523,6 +567,207 @@ class BertPkmForQuestionAnswering(BertPkmPreTrainedModel):
         )
 
 
+class BertPkmForTokenClassification(BertPkmPreTrainedModel):
+    """Per-token labels (NER, POS): transformers' BertForTokenClassification on the memory model."""
+
+    def __init__(self, config: BertPkmConfig, external_values: bool = False) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertPkmModel(config, add_pooling_layer=False, external_values=external_values)
+        dropout = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BertPkmTokenClassifierOutput:
+        """logits [B, S, num_labels]; labels [B, S] (-100 = not scored, e.g. padding, sub-words)."""
+        outputs = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))  # [B, S, num_labels]
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+        return BertPkmTokenClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            memory_outputs=outputs.memory_outputs,
+        )
+
+
+class BertPkmForMultipleChoice(BertPkmPreTrainedModel):
+    """SWAG-style choice among C candidates: inputs [B, C, S] are scored as B*C sequences."""
+
+    def __init__(self, config: BertPkmConfig, external_values: bool = False) -> None:
+        super().__init__(config)
+        self.bert = BertPkmModel(config, external_values=external_values)
+        dropout = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BertPkmMultipleChoiceOutput:
+        """input_ids / masks [B, C, S] (inputs_embeds [B, C, S, d]) -> logits [B, C]; labels [B]."""
+        num_choices = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
+
+        def flat(t: torch.Tensor | None) -> torch.Tensor | None:  # [B, C, S] -> [B*C, S]
+            return None if t is None else t.reshape(-1, t.shape[-1])
+
+        embeds = None if inputs_embeds is None else inputs_embeds.reshape(-1, *inputs_embeds.shape[-2:])
+        outputs = self.bert(
+            flat(input_ids),
+            attention_mask=flat(attention_mask),
+            token_type_ids=flat(token_type_ids),
+            position_ids=flat(position_ids),
+            inputs_embeds=embeds,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)  # [B, C]
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits, labels)
+        return BertPkmMultipleChoiceOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            memory_outputs=outputs.memory_outputs,
+        )
+
+
+class BertPkmForNextSentencePrediction(BertPkmPreTrainedModel):
+    """BERT's next-sentence head (``cls.seq_relationship`` on the pooler): logits [B, 2], label 0 =
+    sentence B follows A, 1 = random."""
+
+    def __init__(self, config: BertPkmConfig, external_values: bool = False) -> None:
+        super().__init__(config)
+        self.bert = BertPkmModel(config, external_values=external_values)
+        self.cls = BertOnlyNSPHead(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BertPkmNextSentencePredictorOutput:
+        outputs = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.cls(outputs.pooler_output)  # [B, 2]
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, 2), labels.view(-1))
+        return BertPkmNextSentencePredictorOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            memory_outputs=outputs.memory_outputs,
+        )
+
+
+class BertPkmForPreTraining(BertPkmPreTrainedModel):
+    """BERT's pretraining heads, MLM + NSP (``cls.predictions``, ``cls.seq_relationship``), with
+    BertForPreTraining's names, so a BERT pretraining checkpoint loads both heads and the pooler.
+    The MLM logits are always [B, S, vocab] (no masked-only scoring, unlike BertPkmForMaskedLM)."""
+
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: BertPkmConfig, external_values: bool = False) -> None:
+        super().__init__(config)
+        self.bert = BertPkmModel(config, external_values=external_values)
+        self.cls = BertPreTrainingHeads(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BertPkmForPreTrainingOutput:
+        """prediction_logits [B, S, vocab], seq_relationship_logits [B, 2]; the loss (MLM + NSP, as
+        BertForPreTraining) needs both labels [B, S] and next_sentence_label [B]."""
+        outputs = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
+            **kwargs,
+        )
+        prediction_logits, nsp_logits = self.cls(outputs.last_hidden_state, outputs.pooler_output)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            mlm_loss = CrossEntropyLoss()(prediction_logits.view(-1, self.config.vocab_size), labels.view(-1))
+            loss = mlm_loss + CrossEntropyLoss()(nsp_logits.view(-1, 2), next_sentence_label.view(-1))
+        return BertPkmForPreTrainingOutput(
+            loss=loss,
+            prediction_logits=prediction_logits,
+            seq_relationship_logits=nsp_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            memory_outputs=outputs.memory_outputs,
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Helpers for the trainer
 # --------------------------------------------------------------------------------------------------
@@ -587,21 +832,3 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for name, params in groups.items()
         if params
     ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Auto registration (at import of pkm.modeling)
-# --------------------------------------------------------------------------------------------------
-
-
-def _register_auto_classes() -> None:
-    AutoConfig.register("bert_pkm", BertPkmConfig, exist_ok=True)
-    AutoModel.register(BertPkmConfig, BertPkmModel, exist_ok=True)
-    AutoModelForMaskedLM.register(BertPkmConfig, BertPkmForMaskedLM, exist_ok=True)
-    AutoModelForSequenceClassification.register(
-        BertPkmConfig, BertPkmForSequenceClassification, exist_ok=True
-    )
-    AutoModelForQuestionAnswering.register(BertPkmConfig, BertPkmForQuestionAnswering, exist_ok=True)
-
-
-_register_auto_classes()

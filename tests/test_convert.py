@@ -44,8 +44,11 @@ def test_convert_zero3_two_ranks_matches_the_live_evaluation(shards, run_root, t
     p = subprocess.run([sys.executable, "-m", "pretrain.convert", run["out"], out], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt",
+                 "configuration_bert_pkm.py", "modeling_bert_pkm.py"):
         assert os.path.isfile(os.path.join(out, name)), name
+    with open(os.path.join(out, "config.json")) as f:  # loads without pkm (tests/test_remote_code.py)
+        assert json.load(f)["auto_map"]["AutoModelForMaskedLM"] == "modeling_bert_pkm.BertPkmForMaskedLM"
     model = AutoModelForMaskedLM.from_pretrained(out).eval()
     assert type(model).__name__ == "BertPkmForMaskedLM"
     table = model.bert.encoder.layer[1].memory.values.weight
