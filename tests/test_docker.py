@@ -338,7 +338,8 @@ def test_readme_covers_the_cluster_essentials():
     for needle in ("docker build -f docker/Dockerfile", "--gpus all", "--ipc=host", "--ulimit memlock=-1",
                    "-v ", "hostfile", "--no_ssh", "--node_rank", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA",
                    "NCCL_IB_DISABLE", "NCCL_DEBUG=INFO", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_P2P_LEVEL",
-                   "deepspeed_config ds_configs/", ".deepspeed_env", "INSTALL_APEX"):
+                   "deepspeed_config ds_configs/", ".deepspeed_env", "INSTALL_APEX", "--master_addr", "docker stop",
+                   "pretrain.launch_signals run", "train.collective_timeout_s"):
         assert needle in text, needle
 
 
