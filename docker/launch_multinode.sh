@@ -62,7 +62,8 @@ run_passing_signals() {
   if [[ "${DRY_RUN:-0}" == "1" ]]; then run "$@"; return; fi
   "$@" &
   local pid=$! rc
-  # shellcheck disable=SC2016  # $(cat ...) is expanded inside the container
+  # The trap string is expanded when the trap runs; \$(cat ...) only inside the container.
+  # shellcheck disable=SC2016
   trap 'docker exec "$SSHD_NAME" bash -c "kill -s TERM \$(cat $LAUNCH_PID_FILE)"' TERM INT
   while true; do
     wait "$pid" && rc=0 || rc=$?
