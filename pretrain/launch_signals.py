@@ -16,8 +16,10 @@ group reaches ``launch``, which gives the ranks 30 s and then SIGKILLs them, exi
 process group reaches only the supervisor, and passes SIGTERM/SIGINT on to the rank processes
 themselves (``forward_stop_signal``): each rank checkpoints at its next step boundary and exits 0,
 then ``launch`` and the runner exit 0, and so does the supervisor. It returns the launcher's exit
-status (128 + N for a launcher killed by signal N). As PID 1 it also reaps the orphans a container's
-PID 1 inherits. The rank's DataLoader workers are not signalled (their death would crash the rank
+status (128 + N for a launcher killed by signal N), and only once no process of the launcher's session
+is left: a signal to every process (Slurm's ``scancel``) kills DeepSpeed's runner at once while the
+ranks are still saving, and a container's PID 1 that exited then would take them down mid-save. As
+PID 1 it also reaps the orphans a container's PID 1 inherits. The rank's DataLoader workers are not signalled (their death would crash the rank
 before it saves), and they ignore a stop signal that reaches them anyway (``pretrain.data``).
 
 Without ranks to find (not started yet, or a multi-node pdsh launch, whose ranks are on the other
@@ -86,6 +88,46 @@ def forward_stop_signal(launcher_pid: int, signum: int = signal.SIGTERM) -> int:
 def _report(signum: int, sent: int) -> None:
     print(f"[pkm launcher] {signal.Signals(signum).name} passed on to {sent} training process(es); each saves "
           "a checkpoint at its next step and exits", file=sys.stderr, flush=True)
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``: what a launcher started in it left behind."""
+    import psutil
+
+    members = []
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) == sid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                members.append(pid)
+        except (OSError, psutil.Error):
+            pass
+    return members
+
+
+def _reap_orphans() -> None:
+    """As PID 1: collect the exit status of any child that has ended (orphans end up here)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _wait_for_session(sid: int, poll_s: float = 0.2) -> None:
+    """Wait until nothing of the launcher's session runs any more. A launcher can end before its
+    ranks: DeepSpeed's runner dies of a SIGTERM that reached every process (Slurm's scancel), while
+    ``launch`` and the ranks are still saving; exiting then would, as a container's PID 1, kill them
+    mid-save."""
+    import time
+
+    while _session_members(sid):
+        if os.getpid() == 1:
+            _reap_orphans()
+        time.sleep(poll_s)
+    if os.getpid() == 1:
+        _reap_orphans()
 
 
 def _wait(proc: subprocess.Popen) -> int:
@@ -172,6 +214,7 @@ def run_supervised(cmd: list[str], pid_file: str | None = None) -> int:
                 return 127
             fwd.started(proc)
             rc = _wait(proc)
+            _wait_for_session(proc.pid)  # start_new_session: the session id is the launcher's pid
         finally:
             if pid_file:
                 try:

@@ -153,13 +153,6 @@ def _wait_for_workers(cfg_path: str, timeout: float = 60) -> None:
     raise AssertionError(f"expected 2 ranks with 2 DataLoader workers each, found {len(ranks)} and {len(workers)}")
 
 
-def _wait_until_gone(cfg_path: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while _processes_mentioning(cfg_path):
-        assert time.monotonic() < deadline, "processes of the run left after the launcher was stopped"
-        time.sleep(0.2)
-
-
 def _assert_clean_stop(log: str) -> None:
     assert "is killed by signal" not in log, log[-3000:]  # a DataLoader worker died of the stop signal
     assert "Traceback" not in log, log[-3000:]
@@ -200,25 +193,29 @@ def test_sigterm_to_the_containers_pid1_checkpoints_and_exits_0(shard_dir, tmp_p
             proc.kill()
 
 
-def test_sigterm_to_the_whole_process_group_with_dataloader_workers_checkpoints(shard_dir, tmp_path):  # noqa: F811
-    """A SIGTERM to every process of the launch (Slurm's scancel, a preemption, DeepSpeed's own tree
-    kill) reaches the DataLoader workers too: they must not die of it before their rank has saved."""
+def test_sigterm_to_every_process_with_dataloader_workers_checkpoints(shard_dir, tmp_path):  # noqa: F811
+    """A SIGTERM to every process of the launch (Slurm's scancel, a node's preemption, DeepSpeed's own
+    tree kill) reaches the DataLoader workers too: they must not die of it before their rank has
+    saved. DeepSpeed's runner dies of it at once; the supervisor must still wait for the ranks."""
     out = str(tmp_path / "run")
-    cfg_path = str(tmp_path / "killpg_cfg.json")
+    cfg_path = str(tmp_path / "every_process_cfg.json")
     with open(cfg_path, "w") as f:
         json.dump(_worker_run_config(shard_dir, out), f)
-    log_path = tmp_path / "killpg.log"
+    log_path = tmp_path / "every_process.log"
     cmd = _launch_command(cfg_path)
-    cmd[0] = DEEPSPEED  # DeepSpeed's launcher alone, no forwarding: the group signal is all there is
+    cmd[0] = DEEPSPEED
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **RANK_ENV}, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "pretrain.launch_signals", "run", "--", *cmd], cwd=REPO,
+                                env={**os.environ, **RANK_ENV}, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         wait_until_training(proc, out)
         _wait_for_workers(cfg_path)
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)  # the runner has no handler and dies of it; launch waits for the ranks
-        _wait_until_gone(cfg_path)
+        (runner,) = psutil.Process(proc.pid).children()  # the head of the launcher's own session
+        os.killpg(runner.pid, signal.SIGTERM)  # runner, launch, ranks, workers
+        os.killpg(proc.pid, signal.SIGTERM)  # the supervisor
+        proc.wait(timeout=180)
+        assert not _processes_mentioning(cfg_path), "the supervisor exited before the ranks"
         _assert_clean_stop(log_path.read_text())
         assert_latest_checkpoint_is_the_last_step(out)
     finally:
