@@ -17,10 +17,11 @@ process group reaches only the supervisor, and passes SIGTERM/SIGINT on to the r
 themselves (``forward_stop_signal``): each rank checkpoints at its next step boundary and exits 0,
 then ``launch`` and the runner exit 0, and so does the supervisor. It returns the launcher's exit
 status (128 + N for a launcher killed by signal N), and only once no process of the launcher's session
-is left: a signal to every process (Slurm's ``scancel``) kills DeepSpeed's runner at once while the
+is left (``pretrain.main.launch`` too): a signal to every process (Slurm's ``scancel``) kills DeepSpeed's runner at once while the
 ranks are still saving, and a container's PID 1 that exited then would take them down mid-save. As
-PID 1 it also reaps the orphans a container's PID 1 inherits. The rank's DataLoader workers are not signalled (their death would crash the rank
-before it saves), and they ignore a stop signal that reaches them anyway (``pretrain.data``).
+PID 1 it also reaps the orphans a container's PID 1 inherits. The ranks' DataLoader workers are
+not signalled (their death would crash the rank before it saves), and they ignore a stop signal
+that reaches them anyway (``pretrain.data``).
 
 Without ranks to find (not started yet, or a multi-node pdsh launch, whose ranks are on the other
 ends of ssh and whose runner forwards signals itself through ``pkill`` on every node), the launcher
@@ -131,17 +132,21 @@ def _wait_for_session(sid: int, poll_s: float = 0.2) -> None:
 
 
 def _wait(proc: subprocess.Popen) -> int:
-    """``proc.wait()``; as PID 1 (a container, ``unshare --pid``) also reap every other child:
-    orphans are re-parented to PID 1, and nothing else would collect them."""
+    """``proc.wait()``, then wait for what is left of its session (when it was started with
+    ``start_new_session=True``; otherwise no session has its pid as id). As PID 1 (a container,
+    ``unshare --pid``) it also reaps every other child: orphans are re-parented to PID 1, and nothing
+    else would collect them."""
     if os.getpid() != 1:
-        return proc.wait()
+        proc.wait()
     while proc.returncode is None:
         try:
             pid, status = os.waitpid(-1, 0)
         except ChildProcessError:  # proc was reaped elsewhere (cannot happen here; be safe)
-            return proc.wait()
+            proc.wait()
+            break
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
+    _wait_for_session(proc.pid)
     return proc.returncode
 
 
@@ -214,7 +219,6 @@ def run_supervised(cmd: list[str], pid_file: str | None = None) -> int:
                 return 127
             fwd.started(proc)
             rc = _wait(proc)
-            _wait_for_session(proc.pid)  # start_new_session: the session id is the launcher's pid
         finally:
             if pid_file:
                 try:
