@@ -7,7 +7,7 @@ PKM_FAULT_INJECT=<rank>:<step> (pretrain/trainer.py).
 
 Over gloo the survivor's collective fails as soon as the failed rank's connection closes. NCCL does
 not notice a dead peer: there the survivors end when the collective timeout runs out, which
-``test_the_collective_timeout_reaches_the_process_group`` checks with a peer that stays alive and
+``test_the_collective_timeout_reaches_the_process_groups`` checks with a peer that stays alive and
 never joins.
 """
 
@@ -83,11 +83,14 @@ _STALLED_PEER = textwrap.dedent("""
     import torch, torch.distributed as dist
     from pretrain.distributed import init_distributed
     init_distributed("gloo", timeout_s=float(sys.argv[1]))
+    # a group made later without a timeout, as DeepSpeed makes its data-parallel group (ZeRO's
+    # reductions), and the value tables theirs
+    group = dist.new_group(list(range(dist.get_world_size()))) if sys.argv[2] == "new_group" else None
     if dist.get_rank() == 1:
         time.sleep(120)  # alive, never joins: a stuck rank (or a NCCL peer whose death nobody reports)
     t0 = time.monotonic()
     try:
-        dist.all_reduce(torch.ones(1))
+        dist.all_reduce(torch.ones(1), group=group)
     except RuntimeError:
         print(f"collective failed after {time.monotonic() - t0:.1f} s", flush=True)
         os._exit(1)
@@ -95,9 +98,11 @@ _STALLED_PEER = textwrap.dedent("""
 """)
 
 
-def test_the_collective_timeout_reaches_the_process_group(tmp_path):
+@pytest.mark.parametrize("group", ["world", "new_group"])
+def test_the_collective_timeout_reaches_the_process_groups(tmp_path, group):
     """pretrain.distributed.init_distributed(timeout_s=...): a rank whose peer never joins a
-    collective fails after that long (DeepSpeed's default would wait 10 minutes)."""
+    collective fails after that long, in the world group and in groups made later without a
+    timeout of their own (DeepSpeed's default would wait 10 minutes, torch's for those 30 on gloo)."""
     script = tmp_path / "stall.py"
     script.write_text(_STALLED_PEER)
     port = str(_free_port())
@@ -106,7 +111,7 @@ def test_the_collective_timeout_reaches_the_process_group(tmp_path):
     for rank in range(2):
         env = {**os.environ, **RANK_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(timeout_s)], cwd=REPO, env=env,
+        procs.append(subprocess.Popen([sys.executable, str(script), str(timeout_s), group], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         out, _ = procs[0].communicate(timeout=120)
