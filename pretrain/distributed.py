@@ -2,9 +2,11 @@
 without its /dev/shm leak.
 
 Timeout (``train.collective_timeout_s``): how long a rank waits in the rendezvous or in a collective
-for the others, in the world group and in every group made after it (DeepSpeed's, the value tables'). It bounds how long the survivors of one rank's failure hang: a rank that raises exits
-at once (``pretrain.main``), and the ranks waiting for it in the next collective fail when it runs
-out (NCCL's watchdog ends the process; gloo raises) instead of waiting DeepSpeed's default 10 minutes.
+for the others, in the world group and in every group made after it (DeepSpeed's, the value
+tables'). It bounds how long the survivors of one rank's failure hang: a rank that raises exits at
+once (``pretrain.main``), and the ranks waiting for it in the next collective fail when it runs out
+(NCCL's watchdog ends the process; gloo raises) instead of waiting DeepSpeed's default 10 minutes
+(torch's 30 on gloo for the later groups).
 
 On the cpu accelerator, DeepSpeed (0.19) gives every rank of a single-node launch a 69 MB
 shared-memory segment for its low-latency allreduce (``/dev/shm/deepspeed_allreduce_buffer_<uid>_

@@ -16,10 +16,10 @@ group reaches ``launch``, which gives the ranks 30 s and then SIGKILLs them, exi
 process group reaches only the supervisor, and passes SIGTERM/SIGINT on to the rank processes
 themselves (``forward_stop_signal``): each rank checkpoints at its next step boundary and exits 0,
 then ``launch`` and the runner exit 0, and so does the supervisor. It returns the launcher's exit
-status (128 + N for a launcher killed by signal N), and only once no process of the launcher's session
-is left (``pretrain.main.launch`` too): a signal to every process (Slurm's ``scancel``) kills DeepSpeed's runner at once while the
-ranks are still saving, and a container's PID 1 that exited then would take them down mid-save. As
-PID 1 it also reaps the orphans a container's PID 1 inherits. The ranks' DataLoader workers are
+status (128 + N for a launcher killed by signal N), and only once no process of the launcher's
+session is left (``pretrain.main.launch`` too): a signal to every process (Slurm's ``scancel``) kills
+DeepSpeed's runner at once while the ranks are still saving, and a container's PID 1 that exited
+then would take them down mid-save. As PID 1 it also reaps the orphans a container's PID 1 inherits. The ranks' DataLoader workers are
 not signalled (their death would crash the rank before it saves), and they ignore a stop signal
 that reaches them anyway (``pretrain.data``).
 
