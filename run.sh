@@ -80,23 +80,13 @@ other command runs it first; it does nothing when the environment is up to date.
 USAGE
 }
 
-# Start the deepspeed launcher in the background and forward SIGTERM to the training ranks.
-# The single-node launcher (deepspeed -> deepspeed.launcher.launch -> ranks) does not pass a signal
-# on: killing it would leave the ranks training as orphans, with no checkpoint. Each rank saves at
-# its next step boundary and exits; the launcher then exits with their status.
+# Run the deepspeed launcher under pretrain/launch_signals.py: SIGTERM/SIGINT go to the training
+# ranks. The single-node launcher (deepspeed -> deepspeed.launcher.launch -> ranks) does not pass a
+# signal on: killing it would leave the ranks training as orphans, with no checkpoint. Each rank saves
+# at its next step boundary and exits; the launcher then exits with their status. exec: the forwarder
+# keeps this script's pid (a container's PID 1 stays the one that handles the signal).
 run_launcher() {
-  "$@" &
-  local pid=$! rc
-  # shellcheck disable=SC2064
-  trap "\"$PY\" -m pretrain.launch_signals TERM $pid" TERM
-  # Ctrl-C reaches every process of the terminal's group (the ranks too): just keep waiting for them.
-  trap ':' INT
-  while true; do
-    wait "$pid" && rc=0 || rc=$?
-    kill -0 "$pid" 2>/dev/null || break   # wait returned because the launcher ended, not for a trap
-  done
-  trap - TERM INT
-  return "$rc"
+  exec "$PY" -m pretrain.launch_signals run -- "$@"
 }
 
 need_help() { for a in "$@"; do [[ "$a" == "-h" || "$a" == "--help" ]] && return 0; done; return 1; }

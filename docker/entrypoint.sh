@@ -22,6 +22,14 @@ case "${1:-}" in
     exec "$RUN_SH" "$@" ;;
 esac
 
+# The deepspeed launcher runs under the project's signal forwarding (pretrain/launch_signals.py):
+# as PID 1 it would ignore `docker stop`'s SIGTERM (a PID 1 without a handler does), and its own
+# handling leaves the ranks running or kills them within 30 s. The forwarder passes SIGTERM/SIGINT
+# on to the ranks, which checkpoint and exit 0; it also reaps the orphans a PID 1 inherits.
+if [[ "$1" == "deepspeed" ]]; then
+  exec python3 -m pretrain.launch_signals run -- "$@"
+fi
+
 if command -v -- "$1" >/dev/null 2>&1; then
   exec "$@"
 fi

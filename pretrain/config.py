@@ -45,6 +45,8 @@ __all__ = [
 DECAY_SHAPES = SCHEDULE_SHAPES  # pkm.lr_schedule.warmup_decay
 DENSE_OPTIMIZER_IMPLS = ("auto", "torch", "deepspeed")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+# train.collective_timeout_s below this fails ordinary steps (a collective waits for the slowest rank).
+MIN_COLLECTIVE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -149,6 +151,11 @@ class TrainConfig:
     resume_from: str | None = None  # continue from this checkpoint folder (checkpoints/step_N); implies resume
     stale_window_steps: int = 100  # a slot is stale if not updated in this many steps
     max_skipped_steps: int = 20  # stop (exit 3) after this many non-finite/skipped steps in a row; 0: never
+    # How long a rank waits in a collective (and the start-up rendezvous) for the others before it
+    # fails: the bound on how long the survivors of one rank's crash can hang (pretrain/distributed.py).
+    # 600: DeepSpeed's default. It must outlast the slowest legitimate wait: a checkpoint save on
+    # shared storage, the first step's compilation, evaluation.
+    collective_timeout_s: float = 600.0
     tensorboard: bool = True
     deterministic: bool = False  # torch deterministic algorithms (GPU: bitwise-reproducible resume, slower)
     # torch.compile the encoder layers without a memory (in place; checkpoints unchanged). Off by
@@ -179,6 +186,11 @@ class RunConfig:
             raise ValueError(f"train.keep_last_k must be >= 1 (the latest checkpoint is always kept), got {t.keep_last_k}.")
         if t.stale_window_steps < 1:
             raise ValueError(f"train.stale_window_steps must be >= 1, got {t.stale_window_steps}.")
+        if not (isinstance(t.collective_timeout_s, (int, float)) and math.isfinite(t.collective_timeout_s)
+                and t.collective_timeout_s >= MIN_COLLECTIVE_TIMEOUT_S):
+            raise ValueError(
+                f"train.collective_timeout_s must be a number of seconds >= {MIN_COLLECTIVE_TIMEOUT_S} (how long a "
+                f"rank waits for the others in a collective before failing), got {t.collective_timeout_s!r}.")
         if t.eval_batches < 0:
             raise ValueError(f"train.eval_batches must be >= 0 (0: the whole split), got {t.eval_batches}.")
         if o.decay not in DECAY_SHAPES:

@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -435,6 +437,35 @@ class MLMSampler(torch.utils.data.Sampler):
         return max(0, -(-int(remaining) // self.world_size))
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel SIGKILLs this process when the thread that forked it ends, so a worker never
+    outlives its rank (a rank that fails exits without shutting its loader down: pretrain.main)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: torch's worker watchdog still ends it within seconds
+        return
+    if os.getppid() != parent_pid:  # the rank died before the line above: nothing would signal us
+        os._exit(0)
+
+
+def stop_signal_safe_worker_init(parent_pid: int, worker_id: int) -> None:  # noqa: ARG001
+    """``worker_init_fn`` of the training loader: a DataLoader worker ignores SIGTERM and SIGINT.
+
+    A stop signal often reaches the whole process group or the whole process tree, workers included:
+    Ctrl-C, Slurm's scancel, a preemption, DeepSpeed's launcher terminating its children. A worker
+    killed by it would make torch's SIGCHLD handler raise "DataLoader worker ... is killed by
+    signal" in the rank before the rank's stop flag (pretrain/stop_flag.py) could save a checkpoint.
+    Ignoring it, the worker goes on serving batches until the rank has saved and shuts the loader
+    down (``TrainStream.close``); and it dies with its rank if the rank dies first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+
+
 class TrainStream:
     """An endless, resumable stream of this rank's micro-batches (MLMDataset + MLMSampler + DataLoader).
 
@@ -475,6 +506,7 @@ class TrainStream:
             # its own generator: creating an iterator draws a base seed, which from the global RNG
             # would shift the dropout stream of a resumed run (the loader is rebuilt on resume)
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=functools.partial(stop_signal_safe_worker_init, os.getpid()) if self.num_workers else None,
         )
         self._iter = iter(loader)
 
@@ -484,6 +516,11 @@ class TrainStream:
         batch = next(self._iter)
         self.consumed_samples += self.micro_batch * self.world_size
         return batch
+
+    def close(self) -> None:
+        """Shut the loader's workers down (they exit only when told: they ignore stop signals). The
+        data position stays; the next ``next_batch`` starts a new loader there."""
+        self._iter = None  # the last reference: the iterator's __del__ stops and joins its workers
 
     @property
     def epoch(self) -> int:

@@ -567,7 +567,7 @@ def run(prep: PreparedRun):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if not dist.is_initialized():  # pretrain.startup starts it first in a multi-rank run
-        init_distributed()
+        init_distributed(timeout_s=cfg.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == prep.world_size, (world, prep.world_size)
     accel = get_accelerator()
@@ -636,10 +636,31 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:  # every rank raises it at the same step (the streak is all-reduced)
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except BaseException as e:  # noqa: BLE001  (any failure of one rank: see _exit_on_rank_failure)
+        if prep.world_size > 1 and not isinstance(e, SystemExit):
+            _exit_on_rank_failure(e, prep.rank)
+        raise
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _exit_on_rank_failure(error: BaseException, rank: int) -> None:
+    """One rank failed (an OOM, a bad batch, a bug): report it and end this process now, exit 1.
+
+    Unwinding normally could hang: ``destroy_process_group`` and the interpreter's exit wait for
+    collectives the other ranks will never finish. Exiting ends them too: the launcher on this node
+    (``deepspeed.launcher.launch``) sees a non-zero exit and terminates its other ranks, and ranks on
+    other nodes fail in their next collective, at the latest after ``train.collective_timeout_s``.
+    DataLoader workers die with this process (``pretrain.data``)."""
+    import traceback
+
+    print(f"error: rank {rank} failed, ending every rank ({type(error).__name__}: {error})", file=sys.stderr)
+    traceback.print_exception(error, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -674,14 +695,16 @@ def launch(config: str | RunConfig | dict[str, Any], ds_config: str, num_procs: 
                *overrides]
         child_env = {**os.environ, **(env or {})}
         child_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + child_env.get("PYTHONPATH", "")
-        from pretrain.launch_signals import wait_passing_on_sigterm  # SIGTERM: the ranks save first
+        # SIGTERM/SIGINT: the ranks save first. Its own session: a signal to the caller's process
+        # group reaches the launcher's processes only through the forwarding (launch_signals.py).
+        from pretrain.launch_signals import wait_passing_on_sigterm
 
         if log_file:
             with open(log_file, "w", encoding="utf-8") as f:
                 rc = wait_passing_on_sigterm(subprocess.Popen(cmd, env=child_env, stdout=f, stderr=subprocess.STDOUT,
-                                                              cwd=REPO_ROOT))
+                                                              cwd=REPO_ROOT, start_new_session=True))
         else:
-            rc = wait_passing_on_sigterm(subprocess.Popen(cmd, env=child_env, cwd=REPO_ROOT))
+            rc = wait_passing_on_sigterm(subprocess.Popen(cmd, env=child_env, cwd=REPO_ROOT, start_new_session=True))
     finally:
         if tmp_config is not None:
             os.remove(tmp_config)

@@ -41,7 +41,9 @@ def prepare_on_every_rank(argv: list[str]):
         prep = prepare_run(*parse_cli(argv), check_data=False)
     except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not only ValueError
         error = _error_text(e)
-    init_distributed()
+    # a rank whose config did not parse has no timeout of its own: DeepSpeed's default; it only has to
+    # reach the verdict exchange, which the other ranks enter at once
+    init_distributed(timeout_s=prep.cfg.train.collective_timeout_s if prep is not None else None)
     first_failure(error)
     check_folder_shared(prep.cfg.train.out_dir)
     agree_on_resume(prep.resume_from)

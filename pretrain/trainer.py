@@ -83,6 +83,28 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps: the run stops with an error (main exits non-zero)."""
 
 
+FAULT_INJECT_ENV = "PKM_FAULT_INJECT"
+
+
+class InjectedFault(RuntimeError):
+    """The failure ``PKM_FAULT_INJECT`` asked for (tests only)."""
+
+
+def injected_fault_step(rank: int) -> int | None:
+    """Test-only fault injection: ``PKM_FAULT_INJECT=<rank>:<step>`` makes that rank raise
+    :class:`InjectedFault` at the start of that optimizer step (1-based), as an OOM or a bad batch on
+    one rank would; how every rank then ends is tested in tests/test_rank_failure.py. Unset: None."""
+    spec = os.environ.get(FAULT_INJECT_ENV, "").strip()
+    if not spec:
+        return None
+    try:
+        fault_rank, step = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"{FAULT_INJECT_ENV}={spec!r}: expected <rank>:<step>, e.g. 1:3 (a test-only switch; "
+                         "unset it for real runs)") from None
+    return step if fault_rank == rank else None
+
+
 class Trainer:
     """Owns engine, value tables, data and logging for one run (every rank builds one)."""
 
@@ -126,6 +148,7 @@ class Trainer:
         self.flops_per_seq = flops_per_sequence(non_embedding_params(engine.module), cfg.data.max_seq_len,
                                                 mc.hidden_size, mc.num_hidden_layers)
         self.state = ckpt.TrainState()
+        self._fault_step = injected_fault_step(self.rank)
         self.stop = StopFlag()
         self.last_checkpoint: str | None = None
         # consecutive steps with a non-finite loss or a skipped update (a device counter: no host
@@ -404,6 +427,8 @@ class Trainer:
         interrupted = False
         try:
             while self.state.step < t.max_steps:
+                if self._fault_step == self.state.step + 1:
+                    raise InjectedFault(f"{FAULT_INJECT_ENV}: rank {self.rank} fails at step {self._fault_step}")
                 self.train_step()
                 step = self.state.step
                 if step % t.log_every == 0 or step == t.max_steps:
@@ -429,6 +454,10 @@ class Trainer:
         finally:
             self.stop.uninstall()
             self.metrics.close()
+            # the DataLoader workers exit now, after the checkpoint (they ignore the stop signal)
+            close_data = getattr(self.train_data, "close", None)
+            if close_data is not None:
+                close_data()
         return TrainResult(self.state.step, interrupted, self.last_checkpoint,
                            last_metrics["loss"] if last_metrics else None)
 

@@ -9,8 +9,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,16 @@ def test_entrypoint_dispatch(tmp_path):
     assert call() == "run.sh"
     assert call("echo", "plain command") == "plain command"
     assert call("no-such-command-xyz") == "run.sh no-such-command-xyz"
+    # deepspeed runs under the signal forwarding (pretrain/launch_signals.py): as PID 1 it would
+    # ignore docker stop's SIGTERM. A stub python3 shows what the entrypoint runs.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text('#!/usr/bin/env bash\necho "python3 $*"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run(["bash", str(entry), "deepspeed", "--no_ssh", "--module", "pretrain.main"],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert res.stdout.strip() == "python3 -m pretrain.launch_signals run -- deepspeed --no_ssh --module pretrain.main"
 
 
 def test_requirements_are_copied_and_installed_before_the_sources():
@@ -241,13 +253,79 @@ def test_launch_multinode_script(tmp_path):
                   "--master_addr 10.0.0.1", "--module pretrain.main --deepspeed_config ds_configs/zero2.json",
                   "--config run.yaml extra=1"):
         assert piece in cmd, piece
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# the training nodes\n\nnode-0 slots=8\nnode-1 slots=8\n")
+    env["HOSTFILE"] = str(hostfile)
     res = subprocess.run(["bash", str(script), "pdsh"], env=env, capture_output=True, text=True)
     assert res.returncode == 0 and "--ssh_port 2222" in res.stdout
+    # the rendezvous address is named, never left to `hostname -I` on node 0 (docker0, management nets)
+    assert "--master_addr 10.0.0.1" in res.stdout  # MASTER_ADDR when set ...
+    pdsh_env = {k: v for k, v in env.items() if k != "MASTER_ADDR"}
+    res = subprocess.run(["bash", str(script), "pdsh"], env=pdsh_env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "--master_addr node-0 --master_port 29500" in res.stdout  # ... else the hostfile's first host
+    assert "python3 -m pretrain.launch_signals run --pid-file /tmp/pkm-launch.pid -- deepspeed" in res.stdout
+    hostfile.write_text("# no hosts\n")
+    res = subprocess.run(["bash", str(script), "pdsh"], env=pdsh_env, capture_output=True, text=True)
+    assert res.returncode == 2 and "set MASTER_ADDR" in res.stderr
     res = subprocess.run(["bash", str(script), "sshd"], env=env, capture_output=True, text=True)
     assert res.returncode == 0 and "/usr/sbin/sshd -D" in res.stdout
     del env["NODE_RANK"]
     res = subprocess.run(["bash", str(script), "per-node"], env=env, capture_output=True, text=True)
     assert res.returncode == 2 and "set NODE_RANK" in res.stderr
+
+
+# A stand-in for the docker client: `docker exec ... <launch>` records its arguments and waits like a
+# launch; `docker exec NAME bash -c ...` (the signal pass-through) runs the command here.
+_DOCKER_STUB = r"""#!/usr/bin/env bash
+if [[ "$1 $2" == "exec -w" ]]; then
+  echo "$*" > "$STUB_DIR/launch_args"
+  trap 'echo TERM > "$STUB_DIR/launch_got"; exit 0' TERM
+  echo $$ > "$STUB_PID_FILE"
+  while :; do sleep 0.05; done
+fi
+if [[ "$1" == "exec" ]]; then shift 2; "$@"; exit; fi
+if [[ "$1" == "run" ]]; then echo "$*" > "$STUB_DIR/run_args"; echo $$ > "$STUB_DIR/run_pid"; exit 0; fi
+exit 9
+"""
+
+
+def test_launch_multinode_passes_sigterm_into_the_pdsh_container(tmp_path):
+    """docker exec passes no signal on: launch_multinode.sh pdsh signals the launcher in the
+    container (its pid file) itself. The container's pid file is a file here (stub docker)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(_DOCKER_STUB)
+    (bin_dir / "docker").chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-0 slots=8\n")
+    pid_file = tmp_path / "launch.pid"
+    script = (DOCKER / "launch_multinode.sh").read_text()
+    assert script.count("LAUNCH_PID_FILE=/tmp/pkm-launch.pid") == 1
+    patched = tmp_path / "launch_multinode.sh"  # the same script, with the container's path pointed here
+    patched.write_text(script.replace("LAUNCH_PID_FILE=/tmp/pkm-launch.pid", f"LAUNCH_PID_FILE={pid_file}"))
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path), "HOSTFILE": str(hostfile),
+           "DS_CONFIG": "ds_configs/zero2.json", "RUN_CONFIG": "run.yaml", "STUB_DIR": str(tmp_path),
+           "STUB_PID_FILE": str(pid_file)}
+    proc = subprocess.Popen(["bash", str(patched), "pdsh"], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "the launch never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert (tmp_path / "launch_got").read_text().strip() == "TERM"
+        assert "--master_addr node-0" in (tmp_path / "launch_args").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # per-node: the script becomes docker run (exec), whose signal proxy reaches the container's PID 1
+    env.update({"NODE_RANK": "0", "MASTER_ADDR": "10.0.0.1"})
+    proc = subprocess.Popen(["bash", str(patched), "per-node"], env=env)
+    assert proc.wait(timeout=30) == 0
+    assert (tmp_path / "run_pid").read_text().strip() == str(proc.pid)
+    assert "deepspeed --hostfile /workspace/hostfile --no_ssh --node_rank 0" in (tmp_path / "run_args").read_text()
 
 
 def test_hostfile_example_parses_with_deepspeed():
@@ -260,7 +338,8 @@ def test_readme_covers_the_cluster_essentials():
     for needle in ("docker build -f docker/Dockerfile", "--gpus all", "--ipc=host", "--ulimit memlock=-1",
                    "-v ", "hostfile", "--no_ssh", "--node_rank", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA",
                    "NCCL_IB_DISABLE", "NCCL_DEBUG=INFO", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_P2P_LEVEL",
-                   "deepspeed_config ds_configs/", ".deepspeed_env", "INSTALL_APEX"):
+                   "deepspeed_config ds_configs/", ".deepspeed_env", "INSTALL_APEX", "--master_addr", "docker stop",
+                   "pretrain.launch_signals run", "train.collective_timeout_s"):
         assert needle in text, needle
 
 
