@@ -184,18 +184,19 @@ def train_losses(out_dir: str) -> dict[int, float]:
 
 
 def cached_run(name: str, root: str, shard_dir: str) -> dict:
-    """Session-wide runs: 'zero3' (2 ranks, fp32, 12 steps) and 'zero3_resumed' (the same run
-    killed with SIGKILL from outside once the step-6 checkpoint is written, then resumed)."""
+    """Session-wide runs: 'zero3' (2 ranks, fp32, 12 steps, evaluations at steps 4, 8 and 12) and
+    'zero3_resumed' (the same run killed with SIGKILL from outside once the step-6 checkpoint is
+    written, then resumed)."""
     if name in _CACHE:
         return _CACHE[name]  # type: ignore[return-value]
     if name == "zero3":
         out = os.path.join(root, "zero3")
-        rc, log = launch(run_config(shard_dir, out), "tiny_zero3_fp32.json", 2)
+        rc, log = launch(run_config(shard_dir, out, eval_every=4), "tiny_zero3_fp32.json", 2)
         assert rc == 0, log[-3000:]
         result = {"out": out, "log": log}
     elif name == "zero3_resumed":
         out = os.path.join(root, "zero3_killed")
-        cfg = run_config(shard_dir, out)
+        cfg = run_config(shard_dir, out, eval_every=4)
         log_kill = launch_and_kill_after_checkpoint(cfg, "tiny_zero3_fp32.json", 2, step=6)
         losses_at_kill = train_losses(out)
         # what a kill in the middle of a save leaves, and a file of the user's
@@ -480,6 +481,17 @@ def test_kill9_then_resume_is_exact(shards, run_root):
     for step in range(1, 13):
         assert a[step] == b[step], (step, a[step], b[step])  # bitwise: fp32, same data, masks, dropout
     assert "resumed from" in resumed["log"] and "at step 6" in resumed["log"]
+    # evaluations (the memory's BatchNorm in eval mode) before the kill, after the resume and at the
+    # end: the same records; each rank evaluates with the ranks' mean running statistics, which the
+    # checkpoint holds, so a resume that hands rank 0's to every rank changes nothing
+    ea, eb = ({r["step"]: r for r in read_jsonl(os.path.join(run["out"], "metrics.jsonl"), "eval")}
+              for run in (full, resumed))
+    assert sorted(ea) == sorted(eb) == [4, 8, 12]
+    for step in ea:
+        for key in ea[step]:
+            if key not in ("time", "elapsed_s"):
+                assert ea[step][key] == eb[step][key], (step, key, ea[step][key], eb[step][key])
+    assert "value tables: own process group of 2 ranks; lookups exchange a fixed 512 tokens per rank" in full["log"]
     # the next save cleared the interrupted save's debris and kept the user's file
     assert sorted(os.listdir(os.path.join(resumed["out"], "checkpoints"))) == [
         "latest", "notes.txt", "step_00000006", "step_00000012"]
