@@ -442,8 +442,8 @@ def attach_sharded_values(
     by (``seed * 1000 + i`` for the i-th memory, column), so the full table is the same for any number
     of ranks. ``token_capacity``: the most tokens a rank passes to one lookup (e.g. micro-batch size x
     sequence length), the same on every rank; with it the lookups exchange fixed-size buffers and
-    never read a token count on the host (see the module docstring). Returns {memory name: shard} in order, for ``SparseAdam(list(tables.values()))`` and
-    ``save_value_shards``. The shards are not submodules, so an engine wrapping the model never sees
+    never read a token count on the host (see the module docstring). Returns {memory name: shard} in
+    order, for ``SparseAdam(list(tables.values()))`` and ``save_value_shards``. The shards are not submodules, so an engine wrapping the model never sees
     them. Collective: every rank of ``group`` calls it with the same memories.
     """
     if isinstance(memories, nn.Module):

@@ -377,7 +377,7 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save(self) -> str:
-        # the checkpoint holds rank 0's module: make every rank's BatchNorm statistics that mean first
+        # a ZeRO-1/2 checkpoint holds rank 0's module: every rank's BatchNorm statistics become their mean first
         average_batchnorm_statistics(self.engine.module, self.group)
         self._flush_counts()
         self.state.epoch = self.train_data.epoch

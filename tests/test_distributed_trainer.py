@@ -16,7 +16,9 @@ The ranks' results come back here; the assertions run in this process.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -170,6 +172,7 @@ def two_rank_results() -> dict:
     if _RESULTS:
         return _RESULTS
     root = tempfile.mkdtemp(prefix="dist_trainer_")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     ctx = mp.start_processes(_entry, args=(_free_port(), root), nprocs=WORLD, join=False, start_method="spawn")
     end = time.monotonic() + 300
     try:
