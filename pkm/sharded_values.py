@@ -53,7 +53,8 @@ without value tables, so no rank ever allocates a full one, and the shards never
 
     model = BertPkmForMaskedLM(config, external_values=True)         # memories without tables
     group = dist.new_group(list(range(dist.get_world_size())))      # the tables' own communicator
-    tables = attach_sharded_values(model, group, seed=seed)          # {module path: shard}, "mean"
+    tables = attach_sharded_values(model, group, seed=seed,          # {module path: shard}, "mean"
+                                   token_capacity=B * S)             # fixed-size exchange (packing "full")
     value_opt = SparseAdam(list(tables.values()), lr=1e-3)
     ...  engine.backward(loss); engine.step(); value_opt.step()      # value_opt.step zeroes the grads
     save_value_shards(folder, tables, value_opt)                     # pkm.checkpoint_values

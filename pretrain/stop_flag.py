@@ -26,6 +26,7 @@ class StopFlag:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
         self._pending: tuple[Any, torch.Tensor, Any] | None = None  # (work, host copy, copy done event)
+        self._host: torch.Tensor | None = None  # pinned host buffer of the flag (CUDA)
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -47,17 +48,20 @@ class StopFlag:
         if world_size == 1:
             return self.requested
         previous = self._read_pending()
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
+        # torch.full writes the value with a kernel: no host-to-device copy (torch.tensor([v], device=...)
+        # would copy from pageable memory and wait for the device)
+        flag = torch.full((1,), 1 if self.requested else 0, dtype=torch.int32, device=device)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True)
         if flag.device.type == "cpu":
             self._pending = (work, flag, None)
         else:
             work.wait()  # NCCL: orders the current stream after the all-reduce; the host goes on
-            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
+            if self._host is None:
+                self._host = torch.empty(1, dtype=torch.int32, pin_memory=True)  # read before it is reused
+            self._host.copy_(flag, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            self._pending = (work, host, done)
+            self._pending = (work, self._host, done)
         return previous
 
     def _read_pending(self) -> bool:
