@@ -30,7 +30,8 @@ from torch import nn
 from pkm.memory_config import MemoryConfig
 from pkm.values import ValueTable, dense_row_grad, triton_enabled, weighted_bag, weighted_bag_weights_grad
 
-__all__ = ["MemoryOutput", "ProductKeyMemory", "QueryBatchNorm", "fused_topk_enabled", "product_key_topk"]
+__all__ = ["MemoryOutput", "ProductKeyMemory", "QueryBatchNorm", "average_batchnorm_statistics",
+           "fused_topk_enabled", "product_key_topk"]
 
 
 class MemoryOutput(NamedTuple):
@@ -89,6 +90,37 @@ class QueryBatchNorm(nn.BatchNorm1d):
                 mean.copy_(mean_c)
                 var.copy_(var_c)
         return out.to(x.dtype)
+
+
+def average_batchnorm_statistics(model: nn.Module, group=None) -> int:
+    """Set every BatchNorm's running mean and variance in ``model`` to their mean over the ranks of
+    ``group`` (collective: every rank calls it with the same model). Returns the number of layers.
+
+    Data-parallel engines keep the buffers apart: DeepSpeed broadcasts parameters once and buffers
+    never, so each rank's running statistics follow its own batches. Training never reads them (it
+    normalises by batch statistics); evaluation and checkpoints do, so the trainer averages before
+    both. Because the running update is affine in the statistics (r <- (1 - m) r + m b_r), the
+    mean over ranks taken at any step equals the mean of the ranks' own running statistics at that
+    step, wherever earlier averages were taken: a resumed run (whose checkpoint held the mean)
+    evaluates as the uninterrupted one. The sum is taken in float64, where P float32 values add
+    exactly, so the result does not depend on the reduction order and equal inputs stay unchanged.
+    ``num_batches_tracked`` is the same on every rank (every rank runs the same forwards)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.running_mean is not None and m.running_var is not None]
+    if not layers:
+        return 0
+    stats = [b for m in layers for b in (m.running_mean, m.running_var)]
+    flat = torch.cat([b.reshape(-1).to(torch.float64) for b in stats])  # [sum of sizes], one all-reduce
+    dist.all_reduce(flat, group=group)
+    flat.div_(dist.get_world_size(group))
+    with torch.no_grad():
+        for b, mean in zip(stats, flat.split([b.numel() for b in stats])):
+            b.copy_(mean.view_as(b))
+    return len(layers)
 
 
 @functools.lru_cache(maxsize=32)

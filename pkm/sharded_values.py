@@ -6,8 +6,15 @@ When ``dim % P != 0`` the first ``dim % P`` ranks hold one column more (see ``co
 
 Forward (every rank calls it, each with its own tokens, T_r >= 0 of them):
 
-1. all-gather the token counts, then the padded (indices, weights) of every rank's tokens (small:
-   T*K ids and weights, never activations of width dim);
+1. all-gather every rank's (indices, weights) (small: T*K ids and weights, never activations of
+   width dim), each rank's block padded to one size. With a ``token_capacity`` C (the most tokens a
+   rank can have, e.g. micro-batch size x sequence length, known on the host and the same on every
+   rank) every block is C rows and nothing else is exchanged: no split size has to be read on the
+   host, so the step never waits for the device here. Padded slots get weight 0 and the index of a
+   real lookup (``_fill_padding``), so they add exact zeros and touch no extra row. When every rank
+   has C tokens (``packing: full``) nothing is padded and the bytes are those of the exact exchange.
+   Without a capacity the token counts are all-gathered first and read on the host (one host sync
+   per lookup), and blocks are cut to the longest rank;
 2. weighted bag over the local column slice for *all* gathered tokens -> [sum_r T_r, d_local];
 3. all-to-all so each rank receives its own tokens' rows from every column holder, and concatenates
    the column slices -> [T_r, dim].
@@ -46,7 +53,8 @@ without value tables, so no rank ever allocates a full one, and the shards never
 
     model = BertPkmForMaskedLM(config, external_values=True)         # memories without tables
     group = dist.new_group(list(range(dist.get_world_size())))      # the tables' own communicator
-    tables = attach_sharded_values(model, group, seed=seed)          # {module path: shard}, "mean"
+    tables = attach_sharded_values(model, group, seed=seed,          # {module path: shard}, "mean"
+                                   token_capacity=B * S)             # fixed-size exchange (packing "full")
     value_opt = SparseAdam(list(tables.values()), lr=1e-3)
     ...  engine.backward(loss); engine.step(); value_opt.step()      # value_opt.step zeroes the grads
     save_value_shards(folder, tables, value_opt)                     # pkm.checkpoint_values
@@ -57,7 +65,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -111,40 +119,76 @@ def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGr
     fn(out, inp, group=group)
 
 
+def _fill_padding(all_idx: torch.Tensor) -> torch.Tensor:
+    """Give the padded slots (index -1, weight 0) of a fixed-capacity exchange an index that writes
+    nothing: the row of the first real lookup in the gathered buffer. Its weight 0 adds +0 to that
+    row's output, and its zero output grad adds +0 to that row's value grad; the row is in the
+    sparse grad anyway, so the set of touched rows (what SparseAdam and the staleness tracker see)
+    is exactly that of the real lookups. Device ops only: nothing waits for the host. (If no rank
+    has a single token, row 0 stands in and would receive a zero gradient.)"""
+    flat = all_idx.reshape(-1)  # [P * C * K]
+    real = flat >= 0
+    first = real.to(torch.int8).argmax().reshape(1)  # first real lookup (argmax takes the first maximum)
+    fill = flat.index_select(0, first).clamp_min(0)  # [1]
+    return torch.where(real, flat, fill).view_as(all_idx)
+
+
 class _ShardedLookup(torch.autograd.Function):
-    """Collective weighted lookup; see the module docstring for the communication pattern."""
+    """Collective weighted lookup; see the module docstring for the communication pattern.
+
+    Two exchanges: with a ``token_capacity`` every rank's tokens travel padded to that fixed count
+    (no split size has to reach the host); without one, the token counts are all-gathered and read
+    on the host first (``_Layout`` holds which of the two a call used)."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, indices: torch.Tensor, table: "ShardedValueTable") -> torch.Tensor:
+    def forward(ctx, weights: torch.Tensor, indices: torch.Tensor, table: "ShardedValueTable",
+                anchor: torch.Tensor | None) -> torch.Tensor:  # noqa: ARG004 (anchor: see ValueTable.forward)
         num_tokens = indices.shape[0]
-        counts = table._gather_counts(num_tokens)  # [P] ints, same on every rank
-        ctx.table, ctx.counts = table, counts
-        if sum(counts) == 0:
+        layout = table._layout(num_tokens)  # same on every rank
+        ctx.table, ctx.layout = table, layout
+        if layout.total == 0:
             # Every rank has zero tokens (same decision everywhere, so no rank waits on a collective).
             ctx.save_for_backward(indices.new_zeros(0, indices.shape[1]), weights.new_zeros(0, indices.shape[1]))
             return weights.new_zeros(0, table.dim)
-        all_idx, all_w = table._gather_tokens(indices, weights, counts)  # [sum T, K] each
+        all_idx, all_w = table._gather_tokens(indices, weights, layout)  # [sum T (or P*C), K] each
         ctx.save_for_backward(all_idx, all_w)
         bag = weighted_bag(table.weight.detach(), all_idx, all_w, triton=table.triton)  # [sum T, d_local]
-        return table._columns_to_owners(bag, counts, num_tokens)  # [T, dim]
+        return table._columns_to_owners(bag, layout, num_tokens)  # [T, dim]
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         table: ShardedValueTable = ctx.table
-        counts: list[int] = ctx.counts
+        layout: _Layout = ctx.layout
         all_idx, all_w = ctx.saved_tensors
         num_tokens = grad_out.shape[0]
-        if sum(counts) == 0:
-            return grad_out.new_zeros(0, all_idx.shape[1]), None, None
-        g_local = table._owners_to_columns(grad_out, counts)  # [sum T, d_local]
+        if layout.total == 0:
+            return grad_out.new_zeros(0, all_idx.shape[1]), None, None, None
+        g_local = table._owners_to_columns(grad_out, layout)  # [sum T, d_local]
         # value grad of the slice over all ranks' tokens, and the partial weight grads [sum T, K] fp32
         # (dots over the local columns), from one sort of the lookups
         grad, partial = lookup_backward(table.weight.detach(), all_idx, all_w, g_local, triton=table.triton)
         if table.grad_scale != 1.0:
             grad.values.mul_(table.grad_scale)
         table.accumulate_grad_(grad)
-        grad_weights = table._partials_to_owners(partial, counts, num_tokens)  # [T, K] fp32
-        return grad_weights.to(all_w.dtype), None, None
+        grad_weights = table._partials_to_owners(partial, layout, num_tokens)  # [T, K] fp32
+        return grad_weights.to(all_w.dtype), None, None, None
+
+
+class _Layout(NamedTuple):
+    """How one lookup's tokens are laid out in the exchanged buffers, the same on every rank.
+
+    ``counts``: every rank's token count, read on the host (the counts exchange), or None with a
+    fixed capacity: then every rank's block holds exactly ``capacity`` rows, its own tokens first
+    and padding after them. ``total``: rows in the gathered buffers (0 only when no rank has a
+    token, which only the counts exchange can know)."""
+
+    counts: list[int] | None
+    capacity: int
+    total: int
+
+    def block_sizes(self, world_size: int) -> list[int]:
+        """Rows of each rank's block in the gathered buffers."""
+        return list(self.counts) if self.counts is not None else [self.capacity] * world_size
 
 
 class ShardedValueTable(ValueTable):
@@ -170,6 +214,7 @@ class ShardedValueTable(ValueTable):
         device: torch.device | str | None = None,
         grad_reduction: GradReduction = "mean",
         seed: int = 0,
+        token_capacity: int | None = None,
     ) -> None:
         nn.Module.__init__(self)  # not ValueTable.__init__: it would allocate the full table
         if num_rows <= 0 or dim <= 0:
@@ -178,6 +223,9 @@ class ShardedValueTable(ValueTable):
             raise ValueError(f"value init must be one of ('normal', 'zeros'), got {init!r}.")
         if grad_reduction not in _GRAD_REDUCTIONS:
             raise ValueError(f"grad_reduction must be one of {_GRAD_REDUCTIONS}, got {grad_reduction!r}.")
+        if token_capacity is not None and (isinstance(token_capacity, bool) or not isinstance(token_capacity, int)
+                                           or token_capacity <= 0):
+            raise ValueError(f"token_capacity must be a positive integer or None, got {token_capacity!r}.")
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("ShardedValueTable needs an initialised torch.distributed process group.")
         if group is not None and group == dist.GroupMember.NON_GROUP_MEMBER:
@@ -193,6 +241,8 @@ class ShardedValueTable(ValueTable):
         self.seed = seed
         self.grad_reduction = grad_reduction
         self.grad_scale = 1.0 / self.world_size if grad_reduction == "mean" else 1.0
+        # the most tokens a rank passes to one lookup, the same on every rank (None: exchange counts)
+        self.token_capacity = token_capacity
         if dtype != torch.float32:
             raise ValueError(f"value tables hold fp32 master weights, got dtype {dtype}.")
         if device is None and dist.get_backend(group) == "nccl":
@@ -227,6 +277,7 @@ class ShardedValueTable(ValueTable):
         group: dist.ProcessGroup | None = None,
         grad_reduction: GradReduction = "mean",
         device: torch.device | str | None = None,
+        token_capacity: int | None = None,
     ) -> "ShardedValueTable":
         """Shard of a full [num_rows, dim] tensor that every rank holds (e.g. a ``ValueTable``'s
         weight after identical model construction); copies only this rank's columns. The shard is
@@ -237,7 +288,8 @@ class ShardedValueTable(ValueTable):
         num_rows, dim = full_weight.shape
         if device is None and dist.get_backend(group) != "nccl":
             device = full_weight.device  # NCCL: the constructor picks the current CUDA device
-        table = cls(num_rows, dim, group=group, init="zeros", device=device, grad_reduction=grad_reduction)
+        table = cls(num_rows, dim, group=group, init="zeros", device=device, grad_reduction=grad_reduction,
+                    token_capacity=token_capacity)
         with torch.no_grad():
             table.weight.copy_(full_weight[:, table.col_start : table.col_end].to(torch.float32))
         return table
@@ -250,15 +302,33 @@ class ShardedValueTable(ValueTable):
         Collective over ``group``: every rank must call it, in the same order."""
         self._check_lookup(indices, weights)
         dev = self.weight.device
-        return _ShardedLookup.apply(weights.to(dev), indices.to(device=dev, dtype=torch.int64), self)
+        # As in ValueTable.forward: the values need a gradient even when `weights` does not (a frozen
+        # query net and keys); the zero-size anchor makes autograd record the lookup whenever grad is on.
+        anchor = None
+        if torch.is_grad_enabled() and not weights.requires_grad:
+            anchor = torch.empty(0, device=dev, requires_grad=True)
+        return _ShardedLookup.apply(weights.to(dev), indices.to(device=dev, dtype=torch.int64), self, anchor)
 
     # -- communication (each helper is one collective or two; shapes in comments) -------------------
 
     # With P = 1 every helper is the identity (no collective, no host sync): the plain local table.
 
-    def _gather_counts(self, num_tokens: int) -> list[int]:
+    def _layout(self, num_tokens: int) -> _Layout:
+        """Where every rank's tokens sit in this lookup's exchanged buffers (the same on every rank)."""
         if self.world_size == 1:
-            return [num_tokens]
+            return _Layout([num_tokens], num_tokens, num_tokens)
+        capacity = self.token_capacity
+        if capacity is not None:
+            if num_tokens > capacity:
+                raise ValueError(
+                    f"a sharded value lookup got {num_tokens} tokens but the table's token_capacity is {capacity} "
+                    "(the fixed number of rows every rank sends, set from micro-batch size x max_seq_len): raise "
+                    "token_capacity, or set it to None to exchange the token counts instead.")
+            return _Layout(None, capacity, capacity * self.world_size)
+        counts = self._gather_counts(num_tokens)
+        return _Layout(counts, max(counts), sum(counts))
+
+    def _gather_counts(self, num_tokens: int) -> list[int]:
         mine = torch.tensor([num_tokens], dtype=torch.int64, device=self.weight.device)  # [1]
         counts = torch.empty(self.world_size, dtype=torch.int64, device=self.weight.device)  # [P]
         _all_gather_flat(counts, mine, self.group)
@@ -266,75 +336,86 @@ class ShardedValueTable(ValueTable):
         return counts.tolist()  # one host sync per lookup: the split sizes must be known on the host
 
     def _gather_tokens(
-        self, indices: torch.Tensor, weights: torch.Tensor, counts: list[int]
+        self, indices: torch.Tensor, weights: torch.Tensor, layout: _Layout
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every rank's (indices, weights), concatenated in rank order -> [sum T, K] each."""
+        """Every rank's (indices, weights), concatenated in rank order -> [sum T, K] each (with a
+        fixed capacity: [P * C, K], padding included, see ``_fill_padding``)."""
         if self.world_size == 1:
             return indices, weights
-        P, k = self.world_size, indices.shape[1]
-        t_max = max(counts)
+        P, k, rows = self.world_size, indices.shape[1], layout.capacity
         if self.num_rows <= torch.iinfo(torch.int32).max:
             indices = indices.to(torch.int32)  # a third less traffic than int64 ids; widened below
-        # all_gather needs equal sizes: pad to the longest rank, then drop the padding
-        pad = t_max - indices.shape[0]
-        idx = torch.nn.functional.pad(indices, (0, 0, 0, pad)) if pad else indices  # [t_max, K]
-        w = torch.nn.functional.pad(weights, (0, 0, 0, pad)) if pad else weights  # [t_max, K]
-        all_idx = idx.new_empty(P * t_max, k)  # [P * t_max, K]
-        all_w = w.new_empty(P * t_max, k)  # [P * t_max, K]
+        # all_gather needs equal sizes: pad to the block size (the longest rank, or the capacity);
+        # padded slots get weight 0 and index -1 (marks them for _fill_padding)
+        pad = rows - indices.shape[0]
+        idx = torch.nn.functional.pad(indices, (0, 0, 0, pad), value=-1) if pad else indices  # [rows, K]
+        w = torch.nn.functional.pad(weights, (0, 0, 0, pad)) if pad else weights  # [rows, K]
+        all_idx = idx.new_empty(P * rows, k)  # [P * rows, K]
+        all_w = w.new_empty(P * rows, k)  # [P * rows, K]
         _all_gather_flat(all_idx, idx.contiguous(), self.group)
         _all_gather_flat(all_w, w.contiguous(), self.group)
-        self.comm_bytes["forward"] += (P - 1) * t_max * k * (idx.element_size() + w.element_size())
+        self.comm_bytes["forward"] += (P - 1) * rows * k * (idx.element_size() + w.element_size())
         all_idx = all_idx.to(torch.int64)
-        if min(counts) == t_max:
+        if layout.counts is None:
+            return _fill_padding(all_idx), all_w  # [P * C, K] each
+        counts = layout.counts
+        if min(counts) == rows:
             return all_idx, all_w
-        keep = torch.cat([torch.arange(c, device=idx.device) + p * t_max for p, c in enumerate(counts)])
+        keep = torch.cat([torch.arange(c, device=idx.device) + p * rows for p, c in enumerate(counts)])
         return all_idx[keep], all_w[keep]  # [sum T, K] each
 
-    def _columns_to_owners(self, bag: torch.Tensor, counts: list[int], num_tokens: int) -> torch.Tensor:
+    def _columns_to_owners(self, bag: torch.Tensor, layout: _Layout, num_tokens: int) -> torch.Tensor:
         """bag [sum T, d_local] (rows of all ranks' tokens, local columns) -> [T, dim] for this rank."""
         if self.world_size == 1:
             return bag
         width = self.col_end - self.col_start
+        blocks = layout.block_sizes(self.world_size)
+        mine = blocks[self.rank]  # T, or the capacity (own tokens first, then padding)
         send = bag.reshape(-1)  # [sum T * d_local]: rank p's tokens are a contiguous block
-        recv_sizes = [num_tokens * (e - s) for s, e in self.bounds]  # from each column holder
+        recv_sizes = [mine * (e - s) for s, e in self.bounds]  # from each column holder
         recv = bag.new_empty(sum(recv_sizes))  # [T * dim]
         dist.all_to_all_single(
             recv, send, output_split_sizes=recv_sizes,
-            input_split_sizes=[c * width for c in counts], group=self.group,
+            input_split_sizes=[c * width for c in blocks], group=self.group,
         )
-        self.comm_bytes["forward"] += (sum(counts) - counts[self.rank]) * width * bag.element_size()
-        blocks = [b.view(num_tokens, e - s) for b, (s, e) in zip(recv.split(recv_sizes), self.bounds)]
-        return torch.cat(blocks, dim=1)  # [T, dim]
+        self.comm_bytes["forward"] += (sum(blocks) - mine) * width * bag.element_size()
+        parts = [b.view(mine, e - s)[:num_tokens] for b, (s, e) in zip(recv.split(recv_sizes), self.bounds)]
+        return torch.cat(parts, dim=1)  # [T, dim]
 
-    def _owners_to_columns(self, grad_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _owners_to_columns(self, grad_out: torch.Tensor, layout: _Layout) -> torch.Tensor:
         """grad_out [T, dim] of this rank's tokens -> [sum T, d_local]: all tokens, local columns."""
         if self.world_size == 1:
             return grad_out
         width = self.col_end - self.col_start
-        num_tokens = grad_out.shape[0]
+        blocks = layout.block_sizes(self.world_size)
+        mine = blocks[self.rank]
+        if mine > grad_out.shape[0]:  # padding rows carry a zero gradient
+            grad_out = torch.nn.functional.pad(grad_out, (0, 0, 0, mine - grad_out.shape[0]))  # [C, dim]
         # column slice q goes to rank q: [T, d_q] blocks, flattened and laid end to end
         send = torch.cat([grad_out[:, s:e].reshape(-1) for s, e in self.bounds])  # [T * dim]
-        send_sizes = [num_tokens * (e - s) for s, e in self.bounds]
-        recv = grad_out.new_empty(sum(counts) * width)  # [sum T * d_local]
+        send_sizes = [mine * (e - s) for s, e in self.bounds]
+        recv = grad_out.new_empty(sum(blocks) * width)  # [sum T * d_local]
         dist.all_to_all_single(
-            recv, send, output_split_sizes=[c * width for c in counts],
+            recv, send, output_split_sizes=[c * width for c in blocks],
             input_split_sizes=send_sizes, group=self.group,
         )
         self.comm_bytes["backward"] += (sum(send_sizes) - send_sizes[self.rank]) * grad_out.element_size()
-        return recv.view(sum(counts), width)
+        return recv.view(sum(blocks), width)
 
-    def _partials_to_owners(self, partial: torch.Tensor, counts: list[int], num_tokens: int) -> torch.Tensor:
+    def _partials_to_owners(self, partial: torch.Tensor, layout: _Layout, num_tokens: int) -> torch.Tensor:
         """partial [sum T, K] (dots over local columns) -> [T, K]: summed over column holders."""
         if self.world_size == 1:
             return partial
         k = partial.shape[1]
-        recv = partial.new_empty(self.world_size * num_tokens * k)  # [P * T * K]
+        blocks = layout.block_sizes(self.world_size)
+        mine = blocks[self.rank]
+        recv = partial.new_empty(self.world_size * mine * k)  # [P * T * K]
         dist.all_to_all_single(
-            recv, partial.contiguous().reshape(-1), output_split_sizes=[num_tokens * k] * self.world_size,
-            input_split_sizes=[c * k for c in counts], group=self.group,
+            recv, partial.contiguous().reshape(-1), output_split_sizes=[mine * k] * self.world_size,
+            input_split_sizes=[c * k for c in blocks], group=self.group,
         )
-        self.comm_bytes["backward"] += (sum(counts) - counts[self.rank]) * k * partial.element_size()
-        return recv.view(self.world_size, num_tokens, k).sum(0)  # [T, K]
+        self.comm_bytes["backward"] += (sum(blocks) - mine) * k * partial.element_size()
+        return recv.view(self.world_size, mine, k)[:, :num_tokens].sum(0)  # [T, K]
 
     # -- inspection ---------------------------------------------------------------------------------
 
@@ -351,6 +432,7 @@ def attach_sharded_values(
     grad_reduction: GradReduction = "mean",
     device: torch.device | str | None = None,
     seed: int = 0,
+    token_capacity: int | None = None,
 ) -> dict[str, ShardedValueTable]:
     """Hand every product-key memory its value table's column shard, made on this rank only.
 
@@ -359,8 +441,10 @@ def attach_sharded_values(
     full table is refused: that table would be allocated on every rank). Each shard is initialised as
     its memory's ``value_init`` says; for "normal", every column comes from its own generator seeded
     by (``seed * 1000 + i`` for the i-th memory, column), so the full table is the same for any number
-    of ranks. Returns {memory name: shard} in order, for ``SparseAdam(list(tables.values()))`` and
-    ``save_value_shards``. The shards are not submodules, so an engine wrapping the model never sees
+    of ranks. ``token_capacity``: the most tokens a rank passes to one lookup (e.g. micro-batch size x
+    sequence length), the same on every rank; with it the lookups exchange fixed-size buffers and
+    never read a token count on the host (see the module docstring). Returns {memory name: shard} in
+    order, for ``SparseAdam(list(tables.values()))`` and ``save_value_shards``. The shards are not submodules, so an engine wrapping the model never sees
     them. Collective: every rank of ``group`` calls it with the same memories.
     """
     if isinstance(memories, nn.Module):
@@ -379,7 +463,7 @@ def attach_sharded_values(
     for i, (name, memory) in enumerate(named):
         table = ShardedValueTable(
             memory.size, memory.output_dim, group=group, init=memory.value_init, device=device,
-            grad_reduction=grad_reduction, seed=seed * 1000 + i,
+            grad_reduction=grad_reduction, seed=seed * 1000 + i, token_capacity=token_capacity,
         )
         memory.attach_values(table)
         tables[name] = table

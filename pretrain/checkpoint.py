@@ -103,7 +103,8 @@ def capture_rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this rank's own device only: a resume may see another number of GPUs per process
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -121,7 +122,29 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        _restore_cuda_rng_state(state["cuda"])
+
+
+def _restore_cuda_rng_state(saved: Any) -> None:
+    """The current device's CUDA generator from a train state: one state (this rank's device), or
+    the list of every visible device's states that older checkpoints hold. From such a list the
+    entry of the current device index is taken; a list without one (the run resumes with more GPUs
+    per node than it was saved with) leaves the generator as it is, with a warning: the dropout
+    draws then differ from the interrupted run's."""
+    device = torch.cuda.current_device()
+    if isinstance(saved, torch.Tensor):
+        torch.cuda.set_rng_state(saved, device)
+        return
+    states = list(saved)
+    if device < len(states):
+        torch.cuda.set_rng_state(states[device], device)
+        return
+    import warnings
+
+    warnings.warn(f"the checkpoint's CUDA RNG states cover {len(states)} devices, and this process runs on "
+                  f"device {device}: its CUDA generator keeps its fresh seed, so dropout draws differ from "
+                  "the interrupted run's (checkpoints written now hold only each rank's own device).",
+                  stacklevel=3)
 
 
 def load_train_state_file(path: str) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from pkm.lr_schedule import warmup_decay
 from pretrain.config import OptimConfig, RunConfig
 
-__all__ = ["ValueTables", "build_engine", "compile_encoder_layers", "lr_lambda"]
+__all__ = ["ValueTables", "build_engine", "compile_encoder_layers", "lr_lambda", "token_capacity",
+           "value_table_group"]
 
 
 def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
@@ -52,11 +53,30 @@ def compile_encoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     return len(layers)
 
 
+def value_table_group() -> Any:
+    """The value tables' own process group over every rank (``dist.new_group``), so their lookups
+    never share a communicator with the engine's gradient reductions (DESIGN.md, Sharding).
+    Collective: every rank calls it, in the same order relative to other ``new_group`` calls, and
+    before ``deepspeed.initialize`` (which makes groups of its own)."""
+    import torch.distributed as dist
+
+    return dist.new_group(list(range(dist.get_world_size())))
+
+
+def token_capacity(cfg: RunConfig, micro_batch: int) -> int | None:
+    """The most tokens one rank passes to one lookup, for the tables' fixed-size exchange: with
+    ``packing: full`` every micro-batch is ``micro_batch`` full samples of ``max_seq_len`` tokens
+    (padding only in an epoch's last sample), so the exchange is as large as the exact one and no
+    token count has to be read on the host. ``doc`` packing leaves samples short: the counts are
+    exchanged instead (None), so padding never travels."""
+    return micro_batch * cfg.data.max_seq_len if cfg.data.packing == "full" else None
+
+
 def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any], device: torch.device,
                  group: Any = None) -> tuple[Any, ValueTables]:
     """Hand ``model``'s memories their value tables (column shards over ``group``, default: the
-    world; the model is built with ``external_values=True``), give the tables SparseAdam + the shared
-    schedule, and hand the dense model to DeepSpeed.
+    world; a run passes ``value_table_group()``; the model is built with ``external_values=True``),
+    give the tables SparseAdam + the shared schedule, and hand the dense model to DeepSpeed.
 
     Returns (engine, ValueTables); the tables are empty for a memory-less model. Collective: every
     rank calls it with an identically initialised model."""
@@ -74,7 +94,9 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, An
     if memory_modules(model):
         # outside the module, so DeepSpeed never broadcasts, casts or partitions them (DESIGN.md)
         seed = cfg.model.init_seed if cfg.model.init_seed is not None else cfg.train.seed
-        values.tables = attach_sharded_values(model, group=group, grad_reduction="mean", device=device, seed=seed)
+        capacity = token_capacity(cfg, int(ds_config["train_micro_batch_size_per_gpu"]))
+        values.tables = attach_sharded_values(model, group=group, grad_reduction="mean", device=device, seed=seed,
+                                              token_capacity=capacity)
         values.optimizer = SparseAdam(list(values.tables.values()), lr=o.value_lr, betas=tuple(o.value_betas),
                                       eps=o.value_eps, weight_decay=o.value_weight_decay)
         values.scheduler = LambdaLR(values.optimizer, schedule)

@@ -103,11 +103,15 @@ def evaluate_mlm(
     filled ``MemoryUsage`` per memory layer (already all-reduced when computed with the group).
 
     ``model`` is the DeepSpeed engine (or any module taking the batch dict and returning .loss/.logits);
-    it is put in eval mode and back in train mode afterwards.
+    it is put in eval mode and back in train mode afterwards. Its BatchNorm running statistics are
+    first averaged over the ranks of ``group`` (``pkm.memory.average_batchnorm_statistics``).
     """
+    from pkm.memory import average_batchnorm_statistics
     from pkm.modeling import last_memory_outputs
     from pkm.usage import MemoryUsage
 
+    # every rank evaluates with the same running statistics: their mean over the ranks
+    average_batchnorm_statistics(model, group)
     was_training = model.training
     model.eval()
     usages = [MemoryUsage(n, device=device) for n in num_rows]

@@ -554,7 +554,7 @@ def run(prep: PreparedRun):
     from atomic_files import write_json_atomic
     from pretrain.data import TrainStream
     from pretrain.distributed import init_distributed
-    from pretrain.engine import build_engine
+    from pretrain.engine import build_engine, value_table_group
     from pretrain.evaluate import ValidationData
     from pretrain.logging_utils import get_logger
     from pretrain.trainer import Trainer, seed_everything
@@ -587,7 +587,13 @@ def run(prep: PreparedRun):
     model, summary = build_model(prep)
     logger.info(f"model: {summary}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M dense parameters "
                 f"before sharding; world {world} ({accel.device_name()}, {dist.get_backend()})")
-    engine, values = build_engine(model, cfg, ds, device)
+    # the tables' own communicator: made on every rank, in this order, before deepspeed.initialize
+    engine, values = build_engine(model, cfg, ds, device, group=value_table_group())
+    if values.tables:
+        cap = next(iter(values.tables.values())).token_capacity
+        exchange = f"a fixed {cap} tokens per rank" if cap else "their token counts first (doc packing)"
+        logger.info(f"value tables: own process group of {dist.get_world_size(values.group)} ranks; lookups "
+                    f"exchange {exchange}")
     for name, t in values.tables.items():
         logger.info(f"value table {name}: {t.num_rows} x {t.dim}, this rank holds columns "
                     f"[{t.col_start}, {t.col_end}) = {tuple(t.weight.shape)} "

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from atomic_files import write_text_atomic
+from pkm.memory import average_batchnorm_statistics
 from pkm.value_step import step_values
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig, config_to_dict
@@ -399,6 +400,8 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save(self) -> str:
+        # a ZeRO-1/2 checkpoint holds rank 0's module: every rank's BatchNorm statistics become their mean first
+        average_batchnorm_statistics(self.engine.module, self.group)
         self._flush_counts()
         self.state.epoch = self.train_data.epoch
         self.state.sampler = self.train_data.state_dict()
@@ -449,6 +452,7 @@ class Trainer:
                     interrupted = True
                     self.logger.info(f"stopping at step {step} on signal {self.stop.signum}; checkpoint saved")
                     break
+            self.stop.drain()  # the stop agreement's last all-reduce (every rank started it)
             if not interrupted:
                 self.evaluate()
         finally:

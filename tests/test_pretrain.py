@@ -190,18 +190,19 @@ def train_losses(out_dir: str) -> dict[int, float]:
 
 
 def cached_run(name: str, root: str, shard_dir: str) -> dict:
-    """Session-wide runs: 'zero3' (2 ranks, fp32, 12 steps) and 'zero3_resumed' (the same run
-    killed with SIGKILL from outside once the step-6 checkpoint is written, then resumed)."""
+    """Session-wide runs: 'zero3' (2 ranks, fp32, 12 steps, evaluations at steps 4, 8 and 12) and
+    'zero3_resumed' (the same run killed with SIGKILL from outside once the step-6 checkpoint is
+    written, then resumed)."""
     if name in _CACHE:
         return _CACHE[name]  # type: ignore[return-value]
     if name == "zero3":
         out = os.path.join(root, "zero3")
-        rc, log = launch(run_config(shard_dir, out), "tiny_zero3_fp32.json", 2)
+        rc, log = launch(run_config(shard_dir, out, eval_every=4), "tiny_zero3_fp32.json", 2)
         assert rc == 0, log[-3000:]
         result = {"out": out, "log": log}
     elif name == "zero3_resumed":
         out = os.path.join(root, "zero3_killed")
-        cfg = run_config(shard_dir, out)
+        cfg = run_config(shard_dir, out, eval_every=4)
         log_kill = launch_and_kill_after_checkpoint(cfg, "tiny_zero3_fp32.json", 2, step=6)
         losses_at_kill = train_losses(out)
         # what a kill in the middle of a save leaves, and a file of the user's
@@ -486,6 +487,16 @@ def test_kill9_then_resume_is_exact(shards, run_root):
     for step in range(1, 13):
         assert a[step] == b[step], (step, a[step], b[step])  # bitwise: fp32, same data, masks, dropout
     assert "resumed from" in resumed["log"] and "at step 6" in resumed["log"]
+    # evaluations (the memory's BatchNorm in eval mode) before the kill, after the resume and at the
+    # end: the same records (ZeRO-3 saves every rank's module; ZeRO-1/2: see the test below)
+    ea, eb = ({r["step"]: r for r in read_jsonl(os.path.join(run["out"], "metrics.jsonl"), "eval")}
+              for run in (full, resumed))
+    assert sorted(ea) == sorted(eb) == [4, 8, 12]
+    for step in ea:
+        for key in ea[step]:
+            if key not in ("time", "elapsed_s"):
+                assert ea[step][key] == eb[step][key], (step, key, ea[step][key], eb[step][key])
+    assert "value tables: own process group of 2 ranks; lookups exchange a fixed 512 tokens per rank" in full["log"]
     # the next save cleared the interrupted save's debris and kept the user's file
     assert sorted(os.listdir(os.path.join(resumed["out"], "checkpoints"))) == [
         "latest", "notes.txt", "step_00000006", "step_00000012"]
@@ -502,6 +513,36 @@ def test_kill9_then_resume_is_exact(shards, run_root):
         sa = torch.load(os.path.join(ca, "train_state", f"rank_{rank:05d}.pt"), weights_only=False)
         sb = torch.load(os.path.join(cb, "train_state", f"rank_{rank:05d}.pt"), weights_only=False)
         assert sa["sampler"] == sb["sampler"] and sa["tokens_seen"] == sb["tokens_seen"]
+
+
+def test_resumed_zero2_run_evaluates_as_the_uninterrupted_one(shards, tmp_path):
+    """ZeRO-1/2 checkpoints hold rank 0's module only, BatchNorm running statistics included, and a
+    resume hands them to every rank. Each rank's statistics follow its own batches (DeepSpeed never
+    broadcasts buffers), so before every evaluation and checkpoint they are set to the ranks' mean:
+    then the resumed run's evaluations (after the resume and at the end) equal the uninterrupted
+    run's. The resumed run starts from a copy of the uninterrupted run's step-4 checkpoint."""
+    import shutil
+
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    cfg = run_config(shards, full, max_steps=8, ckpt_every=4, eval_every=2)
+    assert MemoryConfig(**cfg["model"]["memory"]).query_norm == "batchnorm"
+    rc, log = launch(cfg, "tiny_zero2_fp32.json", 2)
+    assert rc == 0, log[-3000:]
+    assert "value tables: own process group of 2 ranks; lookups exchange a fixed 512 tokens per rank" in log
+    step4 = os.path.join("checkpoints", "step_00000004")
+    shutil.copytree(os.path.join(full, step4), os.path.join(resumed, step4))
+    shutil.copy(os.path.join(full, "metrics.jsonl"), resumed)  # the resume drops the records past step 4
+    rc, log = launch(run_config(shards, resumed, max_steps=8, ckpt_every=4, eval_every=2), "tiny_zero2_fp32.json",
+                     2, ["--resume"])
+    assert rc == 0, log[-3000:]
+    assert "resumed from" in log and "at step 4" in log
+    ea, eb = ({r["step"]: r for r in read_jsonl(os.path.join(out, "metrics.jsonl"), "eval")} for out in (full, resumed))
+    assert sorted(ea) == sorted(eb) == [2, 4, 6, 8]
+    for step in (6, 8):  # computed again by the resumed run
+        for key in ea[step]:
+            if key != "time":
+                assert ea[step][key] == eb[step][key], (step, key, ea[step][key], eb[step][key])
+    assert train_losses(full) == train_losses(resumed)
 
 
 def test_help_lists_the_memory_keys(capsys):

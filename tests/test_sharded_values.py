@@ -45,6 +45,9 @@ T_TOTAL = 14
 COUNTS_A = {3: [5, 0, 9], 2: [3, 11], 1: [T_TOTAL]}  # uneven, one rank empty (P=3)
 COUNTS_B = {3: [4, 7, 3], 2: [9, 5]}  # the mean-loss test needs tokens on every rank
 COUNTS_C = {3: [2, 0, 12], 2: [14, 0]}
+# fixed-capacity exchange: uneven counts (padding, an empty rank) and every rank full (no padding)
+CAPACITY_UNEVEN = {3: ([5, 0, 9], 10), 2: ([3, 11], 12)}
+CAPACITY_FULL = {3: ([4, 4, 4], 4), 2: ([6, 6], 6)}
 BIG = {**CFG, "n_keys": 32}  # N = 1024 rows x 7: the largest tensor by far when held in full
 BIG_FULL = 32 * 32 * DIM
 ADAM = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-3)  # eps large enough that the grad scale matters
@@ -122,6 +125,7 @@ def _make_data() -> dict:
         "y": [torch.randn(T_TOTAL, DIM, generator=g) for _ in range(2)],
         "probe": torch.randn(T_TOTAL, DIM, generator=g),
         "idx": idx,
+        "idx_no_row0": torch.where(idx == 0, 1, idx),  # row 0 untouched: padding must not write it
         "w": torch.randn(T_TOTAL, K, generator=g),
         "probe2": torch.randn(T_TOTAL, DIM, generator=g),
     }
@@ -183,8 +187,9 @@ def _table_step(table: ValueTable, opt: SparseAdam, idx, w, probe) -> dict:
     out = table(idx, w)
     (out * probe).sum().backward()
     value_grad = _dense_grad(table)
-    opt.step()
-    return {"out": out.detach(), "w_grad": w.grad, "value_grad": value_grad,
+    rows = table.sparse_grad.rows.clone() if table.sparse_grad is not None else None  # the rows touched
+    opt.step()  # (zeroes the grads)
+    return {"out": out.detach(), "w_grad": w.grad, "value_grad": value_grad, "rows": rows,
             "weight": table.weight.detach().clone(),
             "exp_avg": opt.state[table.weight]["exp_avg"].clone(),
             "row_step": opt.state[table.weight]["row_step"].clone()}
@@ -291,6 +296,38 @@ def _scenario_handed_in(group, counts, data) -> dict:
             "weights": {n: t.weight.detach().clone() for n, t in tables.items()}}
 
 
+def _scenario_capacity(group, counts, capacity, data) -> dict:
+    """Table-level lookup, backward and one SparseAdam step through the fixed-capacity exchange
+    (``token_capacity``), and the bytes the same lookup sends with the counts exchange."""
+    r = dist.get_rank(group)
+    sl = _slices(counts)[r]
+    res = {}
+    for name, cap in (("fixed", capacity), ("counts", None)):
+        table = ShardedValueTable.from_full(data["state"]["values.weight"], group=group, grad_reduction="sum",
+                                            token_capacity=cap)
+        step = _table_step(table, SparseAdam([table], **ADAM), data["idx_no_row0"][sl], data["w"][sl],
+                           data["probe"][sl])
+        step["comm_bytes"] = dict(table.comm_bytes)
+        res[name] = step
+    too_many = ShardedValueTable.from_full(data["state"]["values.weight"], group=group, token_capacity=1)
+    try:
+        too_many(data["idx"][:2], data["w"][:2])  # raises on every rank before any collective
+    except ValueError as e:
+        res["too_many"] = str(e)
+    return res
+
+
+def _scenario_frozen(group, counts, data) -> dict:
+    """Query net and keys frozen (requires_grad False): the lookup weights need no gradient, and the
+    shard must still get its value gradient (the autograd anchor)."""
+    sl = _slices(counts)[dist.get_rank(group)]
+    mem, table = _with_shard(data["state"], group, "sum")
+    mem.requires_grad_(False)
+    out = mem(data["x"][0][sl]).output
+    (out * data["probe"][sl]).sum().backward()
+    return {"value_grad": _dense_grad(table), "rows": table.sparse_grad.rows.clone()}
+
+
 def _worker(rank: int, data: dict, ckpt: dict) -> dict:
     world = dist.group.WORLD
     pair = dist.new_group([0, 1])  # every rank must call new_group, members or not
@@ -313,6 +350,13 @@ def _worker(rank: int, data: dict, ckpt: dict) -> dict:
     if in_pair:
         res["load3to2"] = _scenario_load(pair, COUNTS_C[2], data, ckpt[3])
         res["load1to2"] = _scenario_load(pair, COUNTS_C[2], data, ckpt[1])
+    for kind, cases in (("uneven", CAPACITY_UNEVEN), ("full", CAPACITY_FULL)):
+        res[f"cap3_{kind}"] = _scenario_capacity(world, *cases[3], data)
+        if in_pair:
+            res[f"cap2_{kind}"] = _scenario_capacity(pair, *cases[2], data)
+    res["frozen3"] = _scenario_frozen(world, COUNTS_A[3], data)
+    if in_pair:
+        res["frozen2"] = _scenario_frozen(pair, COUNTS_A[2], data)
     return res
 
 
@@ -359,6 +403,22 @@ def _reference_mean(data: dict, counts: list[int]) -> dict:
             "weight": mem.values.weight.detach().clone(), "value_grads": value_grads}
 
 
+def _reference_tokens(data: dict, n: int) -> dict:
+    """The local table on the first ``n`` tokens: _table_step and the touched rows."""
+    table = ValueTable(N_ROWS, DIM)
+    table.weight.data.copy_(data["state"]["values.weight"])
+    return _table_step(table, SparseAdam([table], **ADAM), data["idx_no_row0"][:n], data["w"][:n],
+                       data["probe"][:n])
+
+
+def _reference_frozen(data: dict) -> dict:
+    mem = _memory(data["state"])
+    mem.requires_grad_(False)
+    out = mem(data["x"][0]).output
+    (out * data["probe"]).sum().backward()
+    return {"value_grad": _dense_grad(mem.values), "rows": mem.values.sparse_grad.rows.clone()}
+
+
 _RUNS: dict = {}
 
 
@@ -383,7 +443,10 @@ def _make_runs(tmp_path_factory) -> dict:
     load_value_shards(ckpt[1], {"mem": cont}, cont_opt)
     ref["after_load"] = _table_step(cont, cont_opt, data["idx"], data["w"], data["probe2"])
     results = run_on_ranks(_worker, 3, data, ckpt)
-    refs = {"layer": ref, "mean": {p: _reference_mean(data, COUNTS_B[p]) for p in (2, 3)}}
+    refs = {"layer": ref, "mean": {p: _reference_mean(data, COUNTS_B[p]) for p in (2, 3)},
+            "tokens": {n: _reference_tokens(data, n) for n in {sum(c[0]) for c in (*CAPACITY_UNEVEN.values(),
+                                                                                      *CAPACITY_FULL.values())}},
+            "frozen": _reference_frozen(data)}
     return {"data": data, "ckpt": ckpt, "ref": refs, "ranks": results}
 
 
@@ -505,3 +568,52 @@ def test_construction_errors():
     if not dist.is_initialized():
         with pytest.raises(ValueError, match="initialised torch.distributed"):
             ShardedValueTable(N_ROWS, DIM)
+
+
+@pytest.mark.parametrize("P", [2, 3])
+@pytest.mark.parametrize("kind", ["uneven", "full"])
+def test_fixed_capacity_exchange_matches_single_process(runs, P, kind):
+    """Padded to a fixed capacity (no token count read on the host): the same outputs, lookup-weight
+    grads, value grads, touched rows and SparseAdam step as the local table on the same tokens."""
+    counts, capacity = (CAPACITY_UNEVEN if kind == "uneven" else CAPACITY_FULL)[P]
+    ranks = [r["fixed"] for r in _ranks(runs, f"cap{P}_{kind}")]
+    ref = runs["ref"]["tokens"][sum(counts)]
+    assert [r["out"].shape[0] for r in ranks] == counts
+    _close(torch.cat([r["out"] for r in ranks]), ref["out"])
+    _close(torch.cat([r["w_grad"] for r in ranks]), ref["w_grad"])
+    _close(_cat_cols(ranks, "value_grad"), ref["value_grad"])
+    # padding touches no row: the same rows, the same per-row step counts, the same weights
+    assert 0 not in ref["rows"].tolist()  # (so a padding slot sent to row 0 would show)
+    for r in ranks:
+        assert torch.equal(r["rows"], ref["rows"])
+        assert torch.equal(r["row_step"], ref["row_step"])
+    _close(_cat_cols(ranks, "weight"), ref["weight"])
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_fixed_capacity_sends_no_more_than_the_counts_exchange_when_ranks_are_full(runs, P):
+    """Every rank at the capacity (packing "full"): no padding travels, and the counts' all-gather
+    is saved; with padding the traffic is that of C tokens per rank."""
+    k, f32, i32 = K, 4, 4
+    for kind, cases in (("full", CAPACITY_FULL), ("uneven", CAPACITY_UNEVEN)):
+        counts, capacity = cases[P]
+        for rank, res in enumerate(_ranks(runs, f"cap{P}_{kind}")):
+            width = column_bounds(DIM, P)[rank][1] - column_bounds(DIM, P)[rank][0]
+            fixed, exact = res["fixed"]["comm_bytes"], res["counts"]["comm_bytes"]
+            rows = capacity if kind == "uneven" else counts[rank]
+            expect_fwd = (P - 1) * capacity * k * (i32 + f32) + (P * capacity - capacity) * width * f32
+            expect_bwd = capacity * (DIM - width) * f32 + (P - 1) * capacity * k * f32
+            assert (fixed["forward"], fixed["backward"]) == (expect_fwd, expect_bwd), (kind, rank, fixed)
+            if kind == "full":
+                assert rows == capacity
+                assert fixed["forward"] == exact["forward"] - 8 * (P - 1)  # only the counts are gone
+                assert fixed["backward"] == exact["backward"]
+            assert "token_capacity is 1" in res["too_many"]
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_frozen_query_net_still_gives_the_values_their_gradient(runs, P):
+    ranks, ref = _ranks(runs, f"frozen{P}"), runs["ref"]["frozen"]
+    assert ref["value_grad"].abs().sum() > 0
+    _close(_cat_cols(ranks, "value_grad"), ref["value_grad"])
+    assert all(torch.equal(r["rows"], ref["rows"]) for r in ranks)

@@ -174,6 +174,37 @@ def test_one_rank_checks_the_stop_flag_without_touching_the_device():
     assert flag.agreed(world_size=1, device=meta) is True
 
 
+def test_two_rank_step_has_no_host_sync_from_the_tables_or_the_stop_flag():
+    """2 gloo ranks, the real Trainer (tests/test_distributed_trainer.py): a non-log step and its
+    stop agreement. With several ranks the token counts' .tolist() before every lookup and the stop
+    flag's .item() used to sync every step; left are only the ones a single rank has too (the
+    value tables' grouping in pkm/values.py and SparseAdam's, pkm/sparse_adam.py)."""
+    from tests.test_distributed_trainer import two_rank_results
+
+    for r in two_rank_results()["ranks"]:
+        events = r["own"]["sync_events"]
+        ours = [e for e in events if e["where"].startswith(("pkm/", "pretrain/"))]
+        files = {e["where"].split(":")[0] for e in ours}
+        assert files <= {"pkm/values.py", "pkm/sparse_adam.py"}, ours
+        assert {e["op"] for e in ours if e["where"].startswith("pkm/values.py")} <= {"unique_consecutive", "_unique2"}
+
+
+def test_two_rank_step_sends_exactly_the_unpadded_exchange():
+    """``packing: full``: every rank has capacity = B*S tokens, so the fixed-size exchange pads
+    nothing; the bytes of one step (forward and backward of the one memory) are those of the exact
+    exchange of B*S tokens per rank: ids (int32) and weights (fp32) all-gathered, fp32 activation
+    columns and output-grad columns all-to-all'd, fp32 partial weight grads back."""
+    from tests.test_distributed_trainer import MICRO, SEQ, WORLD, two_rank_results
+
+    for r in two_rank_results()["ranks"]:
+        o = r["own"]
+        c, k, dim, width, p = o["capacity"], o["K"], o["dim"], o["width"], WORLD
+        assert c == MICRO * SEQ
+        forward = (p - 1) * c * k * (4 + 4) + (p - 1) * c * width * 4
+        backward = c * (dim - width) * 4 + (p - 1) * c * k * 4
+        assert o["comm_bytes"] == {"forward": forward, "backward": backward}
+
+
 def _under_sync_error(fn) -> None:
     """Run ``fn`` with torch's CUDA sync debug mode set to raise on any host sync."""
     torch.cuda.synchronize()
