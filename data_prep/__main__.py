@@ -14,24 +14,26 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenize inputs into shards (+ manifest.json)",
-                       description="Tokenize txt / jsonl / MediaWiki XML(.bz2) inputs into <split>_<k>.bin/.idx shards "
+                       description="Tokenize txt / jsonl / MediaWiki XML(.bz2) / parquet / arrow (datasets) inputs into <split>_<k>.bin/.idx shards "
                                    "and manifest.json. Re-running the same command resumes an interrupted run.")
-    p.add_argument("inputs", nargs="+", help="files, folders (recursive) or globs")
+    p.add_argument("inputs", nargs="+", help="files, folders (recursive; a datasets save_to_disk folder), globs, "
+                                             "or hub datasets hf:NAME[:CONFIG][:SPLIT] (downloaded once into the datasets cache)")
     p.add_argument("--out", required=True, help="output folder (shards, manifest.json, tokenizer/)")
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="local Hugging Face tokenizer folder (or tokenizer.json)")
     tok.add_argument("--train-tokenizer", choices=["wordpiece", "sentencepiece"], help="train a new vocabulary on the corpus")
     p.add_argument("--vocab-size", type=int, default=30522, help="size of a trained vocabulary (default 30522)")
     p.add_argument("--cased", action="store_true", help="trained vocabulary keeps case (default: lowercase)")
-    p.add_argument("--format", dest="input_format", default="auto", choices=["auto", "txt", "jsonl", "mediawiki"],
-                   help="input format (default: by extension; .bz2/.gz are decompressed)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the document (default: text)")
+    p.add_argument("--format", dest="input_format", default="auto", choices=["auto", "txt", "jsonl", "mediawiki", "parquet", "arrow"],
+                   help="input format (default: by extension, .parquet / .arrow included; .bz2/.gz are decompressed; "
+                        "parquet or arrow on a folder takes its files of that extension)")
+    p.add_argument("--text-field", default="text", help="JSONL field / parquet or arrow column holding the document (default: text)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1; 0 = in-process)")
     p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard before a new one starts (default 67108864)")
     p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents in the validation split (default 0.01)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split (default 1234)")
     p.add_argument("--on-error", choices=["skip", "fail"], default="fail",
-                   help="bad input (invalid UTF-8, bad JSON, too large, binary, truncated, missing path): stop with an error, "
+                   help="bad input (invalid UTF-8, bad JSON, too large, binary, truncated, missing path, missing or non-string column): stop with an error, "
                         "or skip it and count it in manifest.json (default fail)")
     p.add_argument("--max-doc-chars", type=int, default=10_000_000, help="documents longer than this are bad input (default 1e7)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

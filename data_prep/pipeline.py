@@ -53,8 +53,9 @@ SPLITS = ("train", "validation")
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 TOKENIZER_DIR = "tokenizer"
-# Always counted, never fatal: an empty document carries no tokens and cannot corrupt anything.
-ALWAYS_SKIPPED = {"empty"}
+# Always counted, never fatal: an empty document (or a null value, no document at all) carries no
+# tokens and cannot corrupt anything.
+ALWAYS_SKIPPED = {"empty", "null_text"}
 _MAX_SKIP_EXAMPLES = 20
 _CHUNK_CHARS = 1 << 20    # ~1 MB of text per task: big enough to amortise IPC, small for memory
 _CHUNK_DOCS = 2048
@@ -133,8 +134,9 @@ def prepare(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     ``tokenizer``: a local HF tokenizer folder (or tokenizer.json); or ``train_tokenizer`` =
     "wordpiece" | "sentencepiece" to train a ``vocab_size`` vocabulary on the corpus first.
     ``on_error``: "fail" raises ValueError at the first bad input (invalid UTF-8, bad JSON line,
-    too-large document, binary file, truncated/corrupt file, missing path); "skip" counts and reports
-    them in the manifest's ``stats``. Empty documents are always skipped and counted.
+    too-large document, binary file, truncated/corrupt file, missing path, missing or non-string
+    parquet/arrow column); "skip" counts and reports them in the manifest's ``stats``. Empty
+    documents and null values are always skipped and counted.
     Re-running with the same settings resumes (or returns the finished manifest); different settings
     on an existing folder are refused unless ``overwrite``.
     """
