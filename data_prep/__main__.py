@@ -1,4 +1,4 @@
-"""Command line: ``python -m data_prep prepare ...`` / ``python -m data_prep inspect DIR``."""
+"""Command line: ``python -m data_prep prepare ...`` / ``inspect DIR`` / ``import-megatron PREFIX`` / ``export-megatron DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,25 @@ def _parser() -> argparse.ArgumentParser:
                        description="Open every shard (header, version, dtype, sizes) and print manifest counts.")
     i.add_argument("out", help="folder written by `prepare`")
     i.add_argument("--verify", action="store_true", help="also check the SHA-256 of every file against the manifest")
+
+    m = sub.add_parser("import-megatron", help="turn a Megatron-LM / NeMo PREFIX.bin/.idx pair into shards (no re-tokenizing)",
+                       description="Read a Megatron indexed corpus (MMIDIDX) and write its documents as shards + manifest.json, "
+                                   "token ids as they are. Re-running the same command resumes an interrupted run.")
+    m.add_argument("prefix", help="path prefix of the pair (PREFIX.bin + PREFIX.idx), e.g. data/my-corpus_text_document")
+    m.add_argument("--out", required=True, help="output folder (shards, manifest.json, tokenizer/)")
+    m.add_argument("--tokenizer", required=True, help="the tokenizer the corpus was made with (local HF folder or tokenizer.json)")
+    m.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard before a new one starts (default 67108864)")
+    m.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents in the validation split (default 0.01)")
+    m.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split (default 1234)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--overwrite", action="store_true", help="replace output made with different settings")
+
+    e = sub.add_parser("export-megatron", help="write a shard folder as a Megatron-LM / NeMo PREFIX.bin/.idx pair",
+                       description="Write the documents of a shard folder, in document order, as a Megatron indexed corpus.")
+    e.add_argument("shard_dir", help="folder written by `prepare` or `import-megatron`")
+    e.add_argument("--out", required=True, help="path prefix of the pair to write (PREFIX.bin + PREFIX.idx)")
+    e.add_argument("--split", default="all", help="train, validation, or all (default: both, merged in document order)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
     return parser
 
 
@@ -57,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
                                valid_fraction=args.valid_fraction, seed=args.seed, on_error=args.on_error,
                                max_doc_chars=args.max_doc_chars, progress=not args.no_progress, overwrite=args.overwrite)
             print(json.dumps({s: {k: v for k, v in d.items() if k != "shards"} for s, d in manifest["splits"].items()}))
+        elif args.command == "import-megatron":
+            from data_prep.megatron import import_megatron
+            manifest = import_megatron(args.prefix, args.out, tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,
+                                       valid_fraction=args.valid_fraction, seed=args.seed, progress=not args.no_progress,
+                                       overwrite=args.overwrite)
+            print(json.dumps({s: {k: v for k, v in d.items() if k != "shards"} for s, d in manifest["splits"].items()}))
+        elif args.command == "export-megatron":
+            from data_prep.megatron import export_megatron
+            print(json.dumps(export_megatron(args.shard_dir, args.out, split=args.split, overwrite=args.overwrite)))
         else:
             manifest = load_manifest(args.out)
             for split in manifest["splits"]:

@@ -55,6 +55,8 @@ SPLITS = ("train", "validation")
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 TOKENIZER_DIR = "tokenizer"
+# Sentence boundaries of an imported Megatron corpus (data_prep.megatron), kept for an exact export.
+MEGATRON_SIDE_FILES = ("megatron_sequence_lengths.npy", "megatron_document_index.npy")
 # Always counted, never fatal: an empty document (or a null value, no document at all) carries no
 # tokens and cannot corrupt anything.
 ALWAYS_SKIPPED = {"empty", "null_text"}
@@ -245,7 +247,7 @@ def write_shards(out: Path, config: dict, overwrite: bool, setup_tokenizer, feed
 # Every name data prep (or pretraining's shard check cache) writes in --out; nothing else is ever
 # deleted, and a folder holding anything else without being data prep output is refused.
 _OWN_SHARD = re.compile(r"^(train|validation)_\d{5,}\.(bin|idx)(\.tmp)?$")
-_OWN_FILES = {MANIFEST, PROGRESS, "shards_verified.json"}
+_OWN_FILES = {MANIFEST, PROGRESS, "shards_verified.json", *MEGATRON_SIDE_FILES, *(f + ".tmp" for f in MEGATRON_SIDE_FILES)}
 _ATOMIC_TMP = re.compile(r"^\.tmp-.*\.json$")  # atomic_files' temp files of an interrupted write
 
 
