@@ -268,3 +268,19 @@ def test_hub_name_offline_is_a_clear_error(tmp_path):
     assert "cannot load hf:nobody/no-such-corpus:default:train from the Hugging Face hub" in proc.stderr
     assert "offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_hub_path_loads_through_the_datasets_cache(tmp_path, monkeypatch, jsonl_reference):
+    """hf:NAME goes through datasets.load_dataset into its cache; a local folder name exercises the
+    same path without the network (offline mode on, the cache in tmp_path)."""
+    import datasets
+    ref_out, _ = jsonl_reference
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    _write_parquet(repo / "data" / "train-00000-of-00001.parquet", _corpus())
+    files, _ = expand_inputs(f"hf:{repo}")
+    assert files and all(Path(p).is_relative_to(tmp_path / "cache") and fmt == "arrow" for p, fmt in files)
+    prepare(f"hf:{repo}::train", tmp_path / "out", workers=0, **KW)
+    assert _shard_bytes(tmp_path / "out") == _shard_bytes(ref_out)
