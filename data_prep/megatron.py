@@ -301,6 +301,10 @@ def _sequences(shard_dir: Path, meta: dict, doc_ids: np.ndarray, doc_lengths: np
         if (doc_lengths >= 2**31).any():
             raise ValueError("a document has 2**31 tokens or more; Megatron's int32 sequence lengths cannot hold it")
         return doc_lengths.astype(np.int64), np.arange(len(doc_lengths) + 1, dtype=np.int64)
+    absent = [name for name in files if not (shard_dir / name).is_file()]
+    if absent:
+        raise ValueError(f"{shard_dir} lacks {', '.join(absent)} (the imported corpus's sentence boundaries); "
+                         "re-import the Megatron corpus into this folder")
     lengths = np.load(shard_dir / files[0], mmap_mode="r", allow_pickle=False)
     index = np.load(shard_dir / files[1], allow_pickle=False)
     starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])

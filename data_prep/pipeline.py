@@ -369,7 +369,7 @@ def _setup_tokenizer(out: Path, tokenizer, train_kind, vocab_size, lowercase, fi
 def _training_texts(files, text_field, max_doc_chars, on_error) -> Iterator[str]:
     for item in iter_documents(files, text_field, max_doc_chars):
         if isinstance(item, Skip):
-            if on_error == "fail":
+            if on_error == "fail" and item.reason not in ALWAYS_SKIPPED:
                 raise ValueError(item.message)
             continue
         yield cleaning.wikitext_to_text(item.text) if item.kind == "wikitext" else item.text

@@ -284,3 +284,21 @@ def test_hub_path_loads_through_the_datasets_cache(tmp_path, monkeypatch, jsonl_
     assert files and all(Path(p).is_relative_to(tmp_path / "cache") and fmt == "arrow" for p, fmt in files)
     prepare(f"hf:{repo}::train", tmp_path / "out", workers=0, **KW)
     assert _shard_bytes(tmp_path / "out") == _shard_bytes(ref_out)
+
+
+def test_truncated_arrow_stream_keeps_the_batches_before_the_cut(tmp_path):
+    path = _write_arrow_stream(tmp_path / "cut.arrow", _docs(64, seed=2), batch_rows=16)
+    path.write_bytes(path.read_bytes()[:-3000])
+    good = _write_parquet(tmp_path / "good.parquet", ["a first good document.", "a second one."])
+    with pytest.raises(ValueError, match=r"cut.arrow cannot be read as arrow .* after \d+ documents"):
+        prepare([good, path], tmp_path / "fail", tokenizer=MINILM, workers=0, progress=False)
+    manifest = prepare([good, path], tmp_path / "skip", tokenizer=MINILM, workers=0, progress=False, on_error="skip")
+    assert manifest["stats"]["skipped"] == {"corrupt_file": 1}
+    assert 2 + 16 <= manifest["stats"]["documents_written"] < 2 + 64
+
+
+def test_trained_vocabulary_on_parquet_with_nulls(tmp_path):
+    docs = _docs(40, seed=8) + [None]
+    manifest = prepare(_write_parquet(tmp_path / "t.parquet", docs), tmp_path / "out", train_tokenizer="wordpiece",
+                       vocab_size=300, workers=0, progress=False, on_error="fail")
+    assert manifest["stats"]["skipped"] == {"null_text": 1} and manifest["stats"]["documents_written"] == 40

@@ -218,3 +218,11 @@ def test_cli_import_and_export(tmp_path, capsys):
     assert _files(tmp_path / "back") == _files(prefix)
     assert cli_main(["import-megatron", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), "--tokenizer", MINILM]) == 2
     assert "nope.idx does not exist" in capsys.readouterr().err
+
+
+def test_export_refuses_a_folder_that_lost_its_sentence_boundaries(tmp_path):
+    import_megatron(write_megatron(tmp_path / "c", _sentence_corpus(seed=12)), tmp_path / "out", **KW)
+    (tmp_path / "out" / "megatron_document_index.npy").unlink()
+    with pytest.raises(ValueError, match="lacks megatron_document_index.npy"):
+        export_megatron(tmp_path / "out", tmp_path / "back")
+    assert not (tmp_path / "back.bin").exists()
