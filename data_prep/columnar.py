@@ -41,7 +41,10 @@ FORMATS = ("parquet", "arrow")
 HUB_PREFIX = "hf:"
 # Files `datasets` writes beside the data: never corpus input.
 _DATASETS_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}
-_BATCH_ROWS = 1024          # rows per record batch: a few MB of text for typical web/wiki documents
+# Rows per record batch: the Python strings of one batch exist at once, so a small batch keeps a
+# reader of long documents (Wikipedia articles: ~25 KB) near the JSONL reader's memory
+# (benchmarks/prep_memory.py: 1024 rows cost ~100 MB more on 1000-row groups of articles).
+_BATCH_ROWS = 64
 _PARQUET_READ_BUFFER = 1 << 20   # buffered column-chunk reads: a page at a time, not a whole row group
 _PARQUET_MAGIC = b"PAR1"
 
