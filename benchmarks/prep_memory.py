@@ -3,12 +3,13 @@
 Corpus: benchmarks/data_prep.py's (the gensim Wikipedia sample, cleaned, repeated to ~--target-mb
 MB of JSONL). The same documents are written as parquet with three row-group sizes (100 rows, 1000
 rows, and the whole file in one group, the worst case for a reader) and as a `datasets`
-save_to_disk folder (Arrow IPC stream files, memory-mapped). Each input runs in its own subprocess:
+save_to_disk folder (Arrow IPC stream files of 1000-row batches). Each input runs in its own subprocess:
   * "read":    data_prep.readers.iter_documents over it (the reader alone, counting characters);
-  * "prepare": data_prep.prepare with --workers processes (reader + tokenizer workers + shards).
+  * "prepare": `python -m data_prep prepare` with --workers processes (reader + tokenizer workers +
+    shards), as a user runs it (the command line picks arrow's system allocator, see __main__.py).
 Two rows measure only the imports (the text readers; the same plus pyarrow), the fixed part of a
 reader's memory. Peak memory is the largest sum of RSS over the process and its children, polled every 50 ms
-(run_measured of benchmarks/data_prep.py); memory-mapped input pages count in RSS while touched.
+(run_measured of benchmarks/data_prep.py).
 
     .venv/bin/python benchmarks/prep_memory.py [--target-mb 50] [--workers 1] [--work-dir DIR]
 """
@@ -25,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The reader runs under the allocator the command line picks (data_prep/__main__.py), as "prepare" does.
+READ_ENV = {"ARROW_DEFAULT_MEMORY_POOL": os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "system")}
 
 
 def _bench_module():
@@ -84,19 +87,22 @@ def main() -> None:
         rows = {}
         for label, modules in (("(imports only, text readers)", "data_prep.readers"),
                                ("(imports only, + pyarrow)", "data_prep.readers, pyarrow.parquet, pyarrow.ipc")):
-            _, _, peak, _ = bench.run_measured(f"import {modules}; import time; time.sleep(0.3)")
+            _, _, peak, _ = bench.run_measured(f"import {modules}; import time; time.sleep(0.3)", READ_ENV)
             print(f"{label:<28} {'':>10} {peak / 1e6:13.0f}")
             rows[label] = {"read_peak_bytes": peak}
         for label, path in inputs.items():
             read_code = (f"from data_prep.readers import expand_inputs, iter_documents, RawDoc\n"
                          f"n = sum(len(d.text) for d in iter_documents(expand_inputs({str(path)!r})[0]) if isinstance(d, RawDoc))\n"
                          f"print(n)")
-            r_wall, _, r_peak, r_out = bench.run_measured(read_code)
+            r_wall, _, r_peak, r_out = bench.run_measured(read_code, READ_ENV)
             out = work / "shards"
             shutil.rmtree(out, ignore_errors=True)
-            prep_code = (f"from data_prep import prepare\n"
-                         f"m = prepare({str(path)!r}, {str(out)!r}, tokenizer={bench.MINILM!r}, workers={args.workers}, "
-                         f"progress=False)\nprint(m['stats']['documents_written'], m['splits']['train']['shards'][0]['sha256_bin'])")
+            argv = ["data_prep", "prepare", str(path), "--out", str(out), "--tokenizer", bench.MINILM,
+                    "--workers", str(args.workers), "--no-progress"]
+            prep_code = (f"import json, runpy, sys\nsys.argv = {argv!r}\n"
+                         f"try:\n    runpy.run_module('data_prep', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code\n"
+                         f"m = json.load(open({str(out / 'manifest.json')!r}))\n"
+                         f"print(m['stats']['documents_written'], m['splits']['train']['shards'][0]['sha256_bin'])")
             p_wall, _, p_peak, p_out = bench.run_measured(prep_code)
             rows[label] = {"disk_bytes": size_on_disk(path), "read_peak_bytes": r_peak, "read_s": r_wall,
                            "read_chars": int(r_out.split()[-1]), "prepare_peak_bytes": p_peak, "prepare_s": p_wall,

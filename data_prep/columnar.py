@@ -4,7 +4,7 @@
   only the text column is read, one record batch at a time, so memory is bounded by a batch and
   one page, never the file;
 * ``arrow``    an Arrow IPC file, stream (the ``.arrow`` files of a ``save_to_disk`` folder and of
-  the ``datasets`` cache) or file format; memory-mapped and read batch by batch;
+  the ``datasets`` cache) or file format; read batch by batch;
 * ``hf:NAME[:CONFIG][:SPLIT]`` a hub dataset: ``datasets.load_dataset`` downloads it into the local
   cache once (it needs the network unless already cached), then its cache's ``.arrow`` files are
   read like any others, so a re-run resumes from local files.
@@ -150,7 +150,9 @@ def read_columnar(path: str, fmt: str, text_field: str, max_doc_chars: int) -> I
             column = batch.column(text_field)
             if pa.types.is_dictionary(column.type):
                 column = column.dictionary_decode()
-            for text in column.to_pylist():
+            # `datasets` writes 1000-row batches: make Python strings _BATCH_ROWS at a time.
+            texts = (text for start in range(0, len(column), _BATCH_ROWS) for text in column.slice(start, _BATCH_ROWS).to_pylist())
+            for text in texts:
                 ordinal += 1
                 if text is None:
                     yield null_text(path, ordinal, text_field)
@@ -172,10 +174,14 @@ def _open(path: str, fmt: str, text_field: str):
         schema = pf.schema_arrow
         columns = [text_field] if text_field in schema.names else None
         # Row group by row group: a damaged group costs only its own documents, the ones before it are kept.
+        # use_threads=False: one column gains nothing from arrow's thread pool, and its per-thread
+        # allocator arenas cost ~40 MB of RSS (benchmarks/prep_memory.py).
         batches = (batch for group in range(pf.num_row_groups)
-                   for batch in pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=[group], columns=columns))
+                   for batch in pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=[group], columns=columns, use_threads=False))
         return schema, (batches if columns else iter(()))
-    source = pa.memory_map(path, "r")
+    # Plain reads, not a memory map: a batch is read, used and freed, so resident memory stays one
+    # batch whatever the file size (a map's touched pages would stay resident up to the whole file).
+    source = pa.OSFile(path, "r")
     if source.read(6) == b"ARROW1":   # IPC file format (random access); `datasets` writes the stream format
         source.seek(0)
         reader = pa.ipc.open_file(source)
