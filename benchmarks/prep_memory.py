@@ -51,10 +51,12 @@ def write_columnar(jsonl: Path, work: Path) -> dict[str, Path]:
         if not path.exists():
             pq.write_table(table, path, row_group_size=rows)
         inputs[label] = path
-    folder = work / "saved_dataset"
+    folder = work / "saved_dataset_b1000"
     if not folder.exists():
         import datasets
-        datasets.Dataset(table).save_to_disk(str(folder))
+        # 1000-row record batches, as `datasets`' own writer (writer_batch_size) makes them in the cache.
+        batched = pa.Table.from_batches(table.to_batches(max_chunksize=1000))
+        datasets.Dataset(batched).save_to_disk(str(folder))
     inputs["datasets folder (arrow)"] = folder
     return inputs
 
