@@ -1,4 +1,5 @@
-"""Data prep: raw corpora (txt / jsonl / MediaWiki XML) -> tokenized, sharded, memory-mapped binaries.
+"""Data prep: raw corpora (txt / jsonl / MediaWiki XML / parquet / Arrow / hub datasets) -> tokenized,
+sharded, memory-mapped binaries; Megatron-LM indexed corpora in and out without re-tokenizing.
 
 Python API (what pretraining and the demo call)::
 
@@ -8,8 +9,12 @@ Python API (what pretraining and the demo call)::
     readers = open_split("data/shards", "train")      # list[ShardReader], validated
     readers[0].doc(3)                                   # token ids of one document (np.ndarray, O(1))
 
-Command line: ``python -m data_prep --help``. Modules: readers (inputs -> documents), cleaning
-(wikitext -> text), tokenization (load/train/encode), shards (binary format), pipeline (prepare).
+    import_megatron("corpus_text_sentence", "data/imported", tokenizer="path/to/hf_tokenizer")   # .bin/.idx -> shards
+    export_megatron("data/shards", "out/corpus_text_document")                                     # shards -> .bin/.idx
+
+Command line: ``python -m data_prep --help``. Modules: readers (text inputs -> documents), columnar
+(parquet / Arrow / hub -> documents), documents (their item types), cleaning (wikitext -> text),
+tokenization (load/train/encode), shards (binary format), pipeline (prepare), megatron (MMIDIDX).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 
 from data_prep.pipeline import load_manifest, prepare
 from data_prep.shards import ShardReader, file_sha256
+from data_prep.megatron import export_megatron, import_megatron   # after pipeline: it builds on it
 
 
 def open_split(out_dir: str | os.PathLike, split: str = "train", verify_checksums: bool = False) -> list[ShardReader]:
@@ -39,4 +45,4 @@ def open_split(out_dir: str | os.PathLike, split: str = "train", verify_checksum
     return readers
 
 
-__all__ = ["prepare", "load_manifest", "open_split", "ShardReader"]
+__all__ = ["prepare", "load_manifest", "open_split", "ShardReader", "import_megatron", "export_megatron"]

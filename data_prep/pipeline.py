@@ -25,6 +25,8 @@ Public API::
             input_format="auto", text_field="text", workers=1, shard_tokens=2**26, valid_fraction=0.01,
             seed=1234, on_error="fail", max_doc_chars=10_000_000, progress=True, overwrite=False) -> dict
     load_manifest(out_dir) -> dict
+    write_shards(out, config, overwrite, setup_tokenizer, feed, ...) -> dict   # the frame prepare and
+        # the Megatron import (data_prep.megatron) share: resume, tokenizer, shards, manifest
 """
 from __future__ import annotations
 
@@ -53,8 +55,11 @@ SPLITS = ("train", "validation")
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 TOKENIZER_DIR = "tokenizer"
-# Always counted, never fatal: an empty document carries no tokens and cannot corrupt anything.
-ALWAYS_SKIPPED = {"empty"}
+# Sentence boundaries of an imported Megatron corpus (data_prep.megatron), kept for an exact export.
+MEGATRON_SIDE_FILES = ("megatron_sequence_lengths.npy", "megatron_document_index.npy")
+# Always counted, never fatal: an empty document (or a null value, no document at all) carries no
+# tokens and cannot corrupt anything.
+ALWAYS_SKIPPED = {"empty", "null_text"}
 _MAX_SKIP_EXAMPLES = 20
 _CHUNK_CHARS = 1 << 20    # ~1 MB of text per task: big enough to amortise IPC, small for memory
 _CHUNK_DOCS = 2048
@@ -133,8 +138,9 @@ def prepare(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     ``tokenizer``: a local HF tokenizer folder (or tokenizer.json); or ``train_tokenizer`` =
     "wordpiece" | "sentencepiece" to train a ``vocab_size`` vocabulary on the corpus first.
     ``on_error``: "fail" raises ValueError at the first bad input (invalid UTF-8, bad JSON line,
-    too-large document, binary file, truncated/corrupt file, missing path); "skip" counts and reports
-    them in the manifest's ``stats``. Empty documents are always skipped and counted.
+    too-large document, binary file, truncated/corrupt file, missing path, missing or non-string
+    parquet/arrow column); "skip" counts and reports them in the manifest's ``stats``. Empty
+    documents and null values are always skipped and counted.
     Re-running with the same settings resumes (or returns the finished manifest); different settings
     on an existing folder are refused unless ``overwrite``.
     """
@@ -157,7 +163,6 @@ def prepare(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         raise ValueError(f"no input files found in {', '.join(map(str, missing))}; nothing to prepare")
 
     out = Path(out_dir)
-    _refuse_foreign_folder(out)
     config = {
         "format_version": FORMAT_VERSION,
         # size + mtime: a changed input must not be resumed into shards made from the old one
@@ -169,14 +174,50 @@ def prepare(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         "shard_tokens": shard_tokens, "valid_fraction": valid_fraction, "seed": seed,
         "on_error": on_error, "max_doc_chars": max_doc_chars,
     }
+
+    def setup_tokenizer(state):
+        return _setup_tokenizer(out, tokenizer, train_tokenizer, vocab_size, lowercase, files, text_field,
+                                max_doc_chars, on_error, state)
+
+    def feed(runner: _Runner, tok, dtype: np.dtype) -> None:
+        pool = (_InProcess() if workers == 0 else
+                mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok.to_str(), dtype.str)))
+        if workers == 0:
+            _init_worker_inprocess(tok, dtype)
+
+        def submit(chunk):
+            return pool.apply_async(_encode_chunk, ([(item.kind, item.text) for _, item in chunk if isinstance(item, RawDoc)],))
+        try:
+            runner.run(submit, _chunks(iter_documents(files, text_field, max_doc_chars), runner.start),
+                       max(2, 2 * workers + 1), progress)
+        finally:
+            pool.terminate()
+            pool.join()
+
+    return write_shards(out, config, overwrite, setup_tokenizer, feed, shard_tokens=shard_tokens,
+                        valid_fraction=valid_fraction, seed=seed, on_error=on_error, missing=missing, num_inputs=len(files))
+
+
+def write_shards(out: Path, config: dict, overwrite: bool, setup_tokenizer, feed, *, shard_tokens: int,
+                 valid_fraction: float, seed: int, on_error: str, missing: list[str], num_inputs: int,
+                 manifest_extra: dict | None = None) -> dict:
+    """The shared frame of every producer of shards (``prepare``, the Megatron import): resume or
+    refuse an earlier run in ``out``, set up the tokenizer, let ``feed(runner, tok, dtype)`` push the
+    encoded documents through a :class:`_Runner`, then publish the manifest.
+
+    ``setup_tokenizer(progress_state or None) -> (tokenizers.Tokenizer, identity dict)``.
+    """
+    _refuse_foreign_folder(out)
     with _removed_if_left_empty(out):
         previous = _previous_run(out, config, overwrite)
         if previous is not None and previous.get("complete"):
             return previous["manifest"]
         state = previous["progress"] if previous else None
 
-        tok, identity = _setup_tokenizer(out, tokenizer, train_tokenizer, vocab_size, lowercase, files, text_field,
-                                         max_doc_chars, on_error, state)
+        tok, identity = setup_tokenizer(state)
+        if state is not None and state.get("tokenizer_sha256") != identity["sha256"]:
+            raise ValueError(f"the tokenizer differs from the one the interrupted run in {out} used; "
+                             "pass --overwrite to start over")
         dtype = dtype_for_vocab(identity["vocab_size"])
         if state is None:
             state = {"config": config, "tokenizer_sha256": identity["sha256"],
@@ -185,22 +226,16 @@ def prepare(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         _clean_unfinished(out, state)
 
         runner = _Runner(out, state, identity["vocab_size"], shard_tokens, valid_fraction, seed, on_error)
-        pool = (_InProcess() if workers == 0 else
-                mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok.to_str(), dtype.str)))
-        if workers == 0:
-            _init_worker_inprocess(tok, dtype)
         ok = False
         try:
-            runner.run(pool, _chunks(iter_documents(files, text_field, max_doc_chars), runner.start),
-                       max(2, 2 * workers + 1), progress)
+            feed(runner, tok, dtype)
             ok = True
         finally:
-            pool.terminate()
-            pool.join()
             if not ok:
                 runner.abort()
         manifest = runner.finish(identity, config, missing, dtype)
-        _refuse_empty_output(out, manifest, files)
+        manifest.update(manifest_extra or {})
+        _refuse_empty_output(out, manifest, num_inputs)
         _write_json_atomic(out / MANIFEST, manifest)
         (out / PROGRESS).unlink(missing_ok=True)
     _report(manifest)
@@ -212,7 +247,7 @@ def prepare(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
 # Every name data prep (or pretraining's shard check cache) writes in --out; nothing else is ever
 # deleted, and a folder holding anything else without being data prep output is refused.
 _OWN_SHARD = re.compile(r"^(train|validation)_\d{5,}\.(bin|idx)(\.tmp)?$")
-_OWN_FILES = {MANIFEST, PROGRESS, "shards_verified.json"}
+_OWN_FILES = {MANIFEST, PROGRESS, "shards_verified.json", *MEGATRON_SIDE_FILES, *(f + ".tmp" for f in MEGATRON_SIDE_FILES)}
 _ATOMIC_TMP = re.compile(r"^\.tmp-.*\.json$")  # atomic_files' temp files of an interrupted write
 
 
@@ -248,14 +283,14 @@ def _removed_if_left_empty(out: Path) -> Iterator[None]:
         raise
 
 
-def _refuse_empty_output(out: Path, manifest: dict, files: list) -> None:
+def _refuse_empty_output(out: Path, manifest: dict, num_inputs: int) -> None:
     """Zero documents is an error, not a finished run: remove what this run wrote and say why."""
     stats = manifest["stats"]
     if stats["documents_written"]:
         return
     _wipe(out)
     skipped = ", ".join(f"{n} {reason}" for reason, n in stats["skipped"].items()) or "nothing"
-    raise ValueError(f"the inputs hold no documents ({len(files)} file(s) read, {stats['documents_seen']} item(s) seen, "
+    raise ValueError(f"the inputs hold no documents ({num_inputs} file(s) read, {stats['documents_seen']} item(s) seen, "
                      f"skipped: {skipped}); nothing was written. Check the input paths, --format and --text-field.")
 
 
@@ -328,17 +363,13 @@ def _setup_tokenizer(out: Path, tokenizer, train_kind, vocab_size, lowercase, fi
             tok = tokenization.train_tokenizer(_training_texts(files, text_field, max_doc_chars, on_error),
                                                train_kind, vocab_size, lowercase)
         tok_json = tokenization.save_tokenizer(tok, tok_dir)
-    identity = tokenization.tokenizer_identity(tok, tok_json, source)
-    if state is not None and state.get("tokenizer_sha256") != identity["sha256"]:
-        raise ValueError(f"the tokenizer differs from the one the interrupted run in {out} used; "
-                         "pass --overwrite to start over")
-    return tok, identity
+    return tok, tokenization.tokenizer_identity(tok, tok_json, source)
 
 
 def _training_texts(files, text_field, max_doc_chars, on_error) -> Iterator[str]:
     for item in iter_documents(files, text_field, max_doc_chars):
         if isinstance(item, Skip):
-            if on_error == "fail":
+            if on_error == "fail" and item.reason not in ALWAYS_SKIPPED:
                 raise ValueError(item.message)
             continue
         yield cleaning.wikitext_to_text(item.text) if item.kind == "wikitext" else item.text
@@ -375,14 +406,14 @@ class _Runner:
         self.stats = copy.deepcopy(state["stats"])
         self.writers: dict[str, ShardWriter | None] = {s: None for s in SPLITS}
 
-    def run(self, pool, chunks: Iterator[list], max_inflight: int, progress: bool) -> None:
+    def run(self, submit, chunks: Iterator[list], max_inflight: int, progress: bool) -> None:
+        """``submit(chunk)`` -> a handle whose ``get()`` gives (lengths, tokens) of the chunk's RawDocs."""
         pending: collections.deque = collections.deque()
         bar = tqdm(desc="data prep", unit="doc", disable=not progress, smoothing=0.1)
         tokens_total = 0
         try:
             for chunk in chunks:
-                docs = [(item.kind, item.text) for _, item in chunk if isinstance(item, RawDoc)]
-                pending.append((chunk, pool.apply_async(_encode_chunk, (docs,))))
+                pending.append((chunk, submit(chunk)))
                 while len(pending) >= max_inflight:   # bounded: memory stays flat whatever the corpus size
                     tokens_total += self._consume(*pending.popleft(), bar)
                     bar.set_postfix(tokens=tokens_total, refresh=False)

@@ -4,10 +4,13 @@ Formats (chosen by extension unless ``input_format`` says otherwise; ``.bz2``/``
 on the fly):
 
 * ``txt``       plain text, documents separated by one or more blank lines;
-* ``jsonl``     one JSON object per line, the document in ``text_field``;
+* ``jsonl``     one JSON object per line, the document in ``text_field`` (a null there is ``null_text``,
+  counted like an empty document, as in a parquet column);
 * ``mediawiki`` a MediaWiki XML export (``.xml`` / ``.xml.bz2`` as Wikipedia publishes them); only
   articles (namespace 0, not redirects) are kept, their wikitext is turned into plain text later, in
-  the workers (see :mod:`data_prep.cleaning`).
+  the workers (see :mod:`data_prep.cleaning`);
+* ``parquet`` / ``arrow``, ``save_to_disk`` folders and ``hf:NAME[:CONFIG][:SPLIT]`` hub datasets:
+  read by :mod:`data_prep.columnar`, the text in column ``text_field``.
 
 The stream yields :class:`RawDoc` items and :class:`Skip` items (bad input found while reading); the
 pipeline decides whether a skip is fatal (``on_error="fail"``) or counted. The order is fixed by the
@@ -29,29 +32,21 @@ import os
 import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
-FORMATS = ("txt", "jsonl", "mediawiki")
+from data_prep import columnar
+from data_prep.documents import RawDoc, Skip, null_text, too_large
+
+FORMATS = ("txt", "jsonl", "mediawiki") + columnar.FORMATS
 _BINARY_PROBE_BYTES = 8192
-
-
-class RawDoc(NamedTuple):
-    source: str      # file it came from
-    ordinal: int     # 1-based document number within that file
-    kind: str        # "text" (ready to tokenize) or "wikitext" (cleaned in the workers)
-    text: str
-
-
-class Skip(NamedTuple):
-    source: str
-    ordinal: int     # document number within the file, 0 for a whole-file problem
-    reason: str      # invalid_utf8 | bad_json | too_large | binary_file | truncated_file | corrupt_file | missing_path | empty
-    message: str     # a sentence for the user: what is wrong and what to do
 
 
 def _format_of(path: str, input_format: str) -> str:
     if input_format != "auto":
         return input_format
+    columnar_format = columnar.format_of_name(path)
+    if columnar_format is not None:
+        return columnar_format
     name = path.lower()
     for ext in (".bz2", ".gz"):
         if name.endswith(ext):
@@ -83,10 +78,18 @@ def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], input
     files: list[tuple[str, str]] = []
     missing: list[str] = []
     for item in map(str, inputs):
+        if item.startswith(columnar.HUB_PREFIX):
+            files.extend((p, "arrow") for p in columnar.hub_files(item))
+            continue
         if os.path.isfile(item):
             found = [item]
         elif os.path.isdir(item):
-            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and not p.name.startswith("."))
+            found = columnar.expand_folder(item)
+            if found is None:
+                found = sorted(str(p) for p in Path(item).rglob("*")
+                               if p.is_file() and not p.name.startswith(".") and not columnar.is_datasets_metadata(p))
+                if input_format in columnar.FORMATS:   # a hub repo folder also holds README.md & co: its data files only
+                    found = [p for p in found if columnar.format_of_name(p) == input_format]
         elif glob.has_magic(item):
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
         else:
@@ -116,6 +119,9 @@ def _looks_binary(path: str) -> bool:
 def iter_documents(files: Sequence[tuple[str, str]], text_field: str = "text", max_doc_chars: int = 10_000_000) -> Iterator[RawDoc | Skip]:
     """All documents of all files, in order, with read problems as :class:`Skip` items."""
     for path, fmt in files:
+        if fmt in columnar.FORMATS:   # binary by design; the reader reports its own problems
+            yield from columnar.read_columnar(path, fmt, text_field, max_doc_chars)
+            continue
         if _looks_binary(path):
             yield Skip(path, 0, "binary_file", f"{path} looks like a binary file (it contains NUL bytes), not {fmt} text; "
                                                "remove it from the inputs or pass --on-error skip")
@@ -136,20 +142,15 @@ def iter_documents(files: Sequence[tuple[str, str]], text_field: str = "text", m
 
 def _decode(path: str, ordinal: int, data: bytes, max_doc_chars: int) -> RawDoc | Skip:
     if len(data) > 4 * max_doc_chars:   # cheap pre-check: a UTF-8 char is at most 4 bytes
-        return _too_large(path, ordinal, len(data), max_doc_chars)
+        return too_large(path, ordinal, len(data), max_doc_chars)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         return Skip(path, ordinal, "invalid_utf8", f"{path}: document {ordinal} is not valid UTF-8 ({err.reason} at byte {err.start} of the document); "
                                                    "re-encode the file as UTF-8 or pass --on-error skip")
     if len(text) > max_doc_chars:
-        return _too_large(path, ordinal, len(text), max_doc_chars)
+        return too_large(path, ordinal, len(text), max_doc_chars)
     return RawDoc(path, ordinal, "text", text)
-
-
-def _too_large(path: str, ordinal: int, size: int, limit: int) -> Skip:
-    return Skip(path, ordinal, "too_large", f"{path}: document {ordinal} is larger than the limit ({size} > max_doc_chars={limit}); "
-                                            "split it, raise --max-doc-chars, or pass --on-error skip")
 
 
 def _read_txt(path: str, text_field: str, max_doc_chars: int) -> Iterator[RawDoc | Skip]:
@@ -164,7 +165,7 @@ def _read_txt(path: str, text_field: str, max_doc_chars: int) -> Iterator[RawDoc
             return None
         ordinal += 1
         if oversized:
-            return _too_large(path, ordinal, size, max_doc_chars)
+            return too_large(path, ordinal, size, max_doc_chars)
         return _decode(path, ordinal, b"".join(lines).strip(), max_doc_chars)
 
     with _open_binary(path) as f:
@@ -201,6 +202,9 @@ def _read_jsonl(path: str, text_field: str, max_doc_chars: int) -> Iterator[RawD
             try:
                 record = json.loads(item.text)
                 text = record[text_field]
+                if text is None:   # a missing value, as in a parquet column: no document, counted
+                    yield null_text(path, ordinal, text_field)
+                    continue
                 if not isinstance(text, str):
                     raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
             except (ValueError, KeyError, TypeError) as err:
@@ -208,7 +212,7 @@ def _read_jsonl(path: str, text_field: str, max_doc_chars: int) -> Iterator[RawD
                                                       "fix the line, set --text-field, or pass --on-error skip")
                 continue
             if len(text) > max_doc_chars:
-                yield _too_large(path, ordinal, len(text), max_doc_chars)
+                yield too_large(path, ordinal, len(text), max_doc_chars)
                 continue
             yield RawDoc(path, ordinal, "text", text)
 
@@ -228,7 +232,7 @@ def _read_mediawiki(path: str, text_field: str, max_doc_chars: int) -> Iterator[
                 continue
             ordinal += 1
             if len(text) > max_doc_chars:
-                yield _too_large(path, ordinal, len(text), max_doc_chars)
+                yield too_large(path, ordinal, len(text), max_doc_chars)
                 continue
             # The title travels on the first line; cleaning keeps it as the document's heading.
             yield RawDoc(path, ordinal, "wikitext", f"{title}\n{text}")
