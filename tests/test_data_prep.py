@@ -1,6 +1,7 @@
 """data_prep: round trip, worker-count independence, resume, bad input, shard validation, CLI."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -87,24 +88,34 @@ def test_same_bytes_for_one_and_two_workers(tmp_path, corpus):
     assert len(one) > 6 and one == two
 
 
+@contextlib.contextmanager
+def crash_at_shard_close(monkeypatch, n: int):
+    """The run dies (KeyboardInterrupt) right after its n-th shard is published, before the shard is
+    recorded as done: what a kill between the two leaves. Expects the crash; restores close after."""
+    real_close, calls = shards.ShardWriter.close, []
+
+    def crash_on_nth(self):
+        record = real_close(self)
+        calls.append(record["name"])
+        if len(calls) == n:
+            raise KeyboardInterrupt("simulated crash")
+        return record
+
+    monkeypatch.setattr(shards.ShardWriter, "close", crash_on_nth)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(shards.ShardWriter, "close", real_close)
+
+
 def test_resume_after_interruption_gives_same_shards(tmp_path, corpus, monkeypatch):
     files, _ = corpus
     kwargs = dict(tokenizer=MINILM, shard_tokens=300, valid_fraction=0.1, progress=False, workers=0)
     prepare(files, tmp_path / "fresh", **kwargs)
 
-    real_close, calls = shards.ShardWriter.close, []
-
-    def crash_on_third(self):
-        record = real_close(self)   # the shard is published, but the run dies before recording it
-        calls.append(record["name"])
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return record
-
-    monkeypatch.setattr(shards.ShardWriter, "close", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_shard_close(monkeypatch, 3):
         prepare(files, tmp_path / "resumed", **kwargs)
-    monkeypatch.setattr(shards.ShardWriter, "close", real_close)
     out = tmp_path / "resumed"
     assert (out / "progress.json").is_file() and not (out / "manifest.json").exists()
     (out / "train_00007.bin.tmp").write_bytes(b"half-written")   # debris of a killed writer

@@ -20,7 +20,7 @@ from data_prep import prepare, shards
 from data_prep.__main__ import main as cli_main
 from data_prep.columnar import parse_hub_spec
 from data_prep.readers import RawDoc, Skip, expand_inputs, iter_documents
-from tests.test_data_prep import MINILM, _docs
+from tests.test_data_prep import MINILM, _docs, crash_at_shard_close
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,20 +215,9 @@ def test_text_field_selects_the_column(tmp_path, capsys):
 def test_resumed_parquet_run_gives_the_uninterrupted_bytes(tmp_path, monkeypatch, jsonl_reference):
     ref_out, _ = jsonl_reference
     path = _write_parquet(tmp_path / "c.parquet", _corpus())
-    real_close, calls = shards.ShardWriter.close, []
-
-    def crash_on_third(self):
-        record = real_close(self)
-        calls.append(record["name"])
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return record
-
-    monkeypatch.setattr(shards.ShardWriter, "close", crash_on_third)
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_shard_close(monkeypatch, 3):
         prepare(path, out, workers=0, **KW)
-    monkeypatch.setattr(shards.ShardWriter, "close", real_close)
     assert (out / "progress.json").is_file() and not (out / "manifest.json").exists()
 
     from data_prep import pipeline

@@ -159,6 +159,17 @@ def _assert_clean_stop(log: str) -> None:
     assert "stopping at step" in log, log[-3000:]
 
 
+def _assert_supervised_stop(proc, log_path, cfg_path, out) -> None:
+    """A supervised launch stopped by a signal: exit 0, the signal reached both ranks, they stopped
+    cleanly (no crashed worker), nothing of the run is left, and the last step is checkpointed."""
+    assert proc.wait(timeout=180) == 0, log_path.read_text()[-3000:]
+    log = log_path.read_text()
+    assert "passed on to 2 training process(es)" in log
+    _assert_clean_stop(log)
+    assert not _processes_mentioning(cfg_path)
+    assert_latest_checkpoint_is_the_last_step(out)
+
+
 @pytest.mark.skipif(not _unshare_pid_namespace_works(), reason="cannot create a PID namespace (needs root)")
 def test_sigterm_to_the_containers_pid1_checkpoints_and_exits_0(shard_dir, tmp_path):  # noqa: F811
     """`docker run IMAGE deepspeed ...` (docker/launch_multinode.sh per-node): the entrypoint is the
@@ -180,12 +191,7 @@ def test_sigterm_to_the_containers_pid1_checkpoints_and_exits_0(shard_dir, tmp_p
         (pid1,) = psutil.Process(proc.pid).children()  # the namespace's PID 1, seen from outside
         assert "pretrain.launch_signals" in pid1.cmdline(), pid1.cmdline()  # the entrypoint exec'd into it
         pid1.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=180) == 0, log_path.read_text()[-3000:]
-        log = log_path.read_text()
-        assert "passed on to 2 training process(es)" in log
-        _assert_clean_stop(log)
-        assert not _processes_mentioning(cfg_path)
-        assert_latest_checkpoint_is_the_last_step(out)
+        _assert_supervised_stop(proc, log_path, cfg_path, out)
     finally:
         for leftover in _processes_mentioning(cfg_path):
             leftover.kill()
@@ -243,12 +249,7 @@ def test_sigterm_to_the_supervised_launchers_process_group_exits_0(shard_dir, tm
     try:
         wait_until_training(proc, out)
         os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=180) == 0, log_path.read_text()[-3000:]
-        log = log_path.read_text()
-        assert "passed on to 2 training process(es)" in log
-        _assert_clean_stop(log)
-        assert not _processes_mentioning(cfg_path)
-        assert_latest_checkpoint_is_the_last_step(out)
+        _assert_supervised_stop(proc, log_path, cfg_path, out)
     finally:
         for leftover in _processes_mentioning(cfg_path):
             leftover.kill()

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import open_split, prepare, shards
+from data_prep import open_split, prepare
 from data_prep.__main__ import main as cli_main
 from data_prep.megatron import export_megatron, import_megatron
-from tests.test_data_prep import MINILM, _docs, _write_jsonl
+from tests.test_data_prep import MINILM, _docs, _write_jsonl, crash_at_shard_close
 
 VOCAB = 30522   # MiniLM's (bert-base-uncased) vocabulary
 CODES = {"uint16": 8, "int32": 4, "int64": 5, "uint8": 1, "float32": 7}
@@ -189,19 +189,8 @@ def test_bad_megatron_files_refused(tmp_path, damage, message):
 def test_interrupted_import_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     prefix = write_megatron(tmp_path / "c", _sentence_corpus(60, seed=9))
     import_megatron(prefix, tmp_path / "fresh", **KW)
-    real_close, calls = shards.ShardWriter.close, []
-
-    def crash_on_third(self):
-        record = real_close(self)
-        calls.append(record["name"])
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return record
-
-    monkeypatch.setattr(shards.ShardWriter, "close", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_shard_close(monkeypatch, 3):
         import_megatron(prefix, tmp_path / "resumed", **KW)
-    monkeypatch.setattr(shards.ShardWriter, "close", real_close)
     assert (tmp_path / "resumed" / "progress.json").is_file()
     import_megatron(prefix, tmp_path / "resumed", **KW)
     as_bytes = lambda out: {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"}
